@@ -1,0 +1,30 @@
+# `make run` and `make test` each (re)create .venv from requirements.txt when it is
+# missing or older than requirements.txt, then run the default experiment / the tests.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/multi_digits
+DATA_DIR ?= data/tfds
+PYTEST_ARGS ?=
+
+.PHONY: run test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.train --config=experiments/configs/multi_digits.py \
+	  --workdir=$(WORKDIR) --config.data.data_dir=$(DATA_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

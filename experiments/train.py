@@ -1,0 +1,251 @@
+r"""Trains a multi-task model; the default is hard sharing on multi_digits.
+
+  python -m experiments.train --config=experiments/configs/multi_digits.py \
+      --workdir=runs/multi_digits [--config.optimizer.learning_rate=1e-3 ...]
+
+Writes to the workdir: `config.json`, `metrics.jsonl`, TensorBoard events in
+`tb/`, orbax checkpoints in `checkpoints/`, `curves.png` and, at the end,
+`results.json` = {"steps": N, "eval": {"<task>/<metric>": value}, "label_counts":
+{task: labelled training examples}, ...}. Run again with the same workdir to
+resume from the latest checkpoint.
+
+This file is the one place where a ConfigDict becomes explicit arguments to the
+library (`build_experiment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import ml_collections
+import numpy as np
+import optax
+
+from mtl_jax import tasks as tasks_lib
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import multi_digits
+from mtl_jax.data import pipeline
+from mtl_jax.models import build as models_build
+from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import loop
+from mtl_jax.training import optim
+from mtl_jax.training import run_config
+from mtl_jax.training import state as state_lib
+from mtl_jax.training import step as step_lib
+from mtl_jax.training import writers
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/multi_digits.py",
+    "Experiment config file (ml_collections); override fields with "
+    "--config.<field>=<value>.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it "
+                               "holds a run of the same config).")
+
+# Config fields that may change when a workdir is resumed: they change how a run
+# is logged or how long it lasts, not what it computes.
+MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
+              "max_checkpoints_to_keep", "data.data_dir", "eval_batch_size")
+
+DATASETS = ("multi_digits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, built from the config in one place."""
+
+  tasks: tasks_lib.TaskSet
+  model: Any
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  weighting: weighting_lib.Weighting
+  train_batcher: pipeline.ArrayBatcher
+  test_arrays: dict
+  label_counts: dict[str, int]
+  num_train_examples: int
+  num_unlabelled: int
+
+
+def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = config[key]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+
+
+def _check_task_keys(field: str, mapping: dict, tasks: tuple[str, ...]) -> None:
+  unknown = sorted(set(mapping) - set(multi_digits.TASK_NAMES))
+  if unknown:
+    raise ValueError(f"config.{field} names unknown task(s) {unknown}; valid "
+                     f"tasks: {', '.join(multi_digits.TASK_NAMES)}")
+  missing = [t for t in tasks if t not in mapping]
+  if missing:
+    raise ValueError(f"config.{field} has no entry for task(s) {missing}")
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Turns the config into explicit library objects, validating it first.
+
+  Raises:
+    ValueError: an unknown name (dataset, task, trunk, optimizer, schedule,
+      weighting) or an out-of-range value; the message names the field.
+  """
+  if config.data.name not in DATASETS:
+    raise ValueError(f"unknown dataset {config.data.name!r}; valid: "
+                     f"{', '.join(DATASETS)}")
+  _check_positive(config, "batch_size", "eval_batch_size", "num_steps",
+                  "log_every")
+  all_tasks = multi_digits.task_set(
+      weights=dict(config.task_weights), sum_loss=config.sum_loss)
+  names = tuple(n.strip() for n in config.tasks.split(",") if n.strip())
+  tasks = all_tasks.select(names)  # KeyError names an unknown task
+  _check_task_keys("task_weights", dict(config.task_weights), names)
+  fractions = dict(config.data.label_fractions)
+  _check_task_keys("data.label_fractions", fractions, names)
+  fractions = {n: fractions[n] for n in names}
+
+  data_dir = config.data.data_dir or None
+  train = multi_digits.load_or_prepare(
+      "train", data_dir=data_dir, config=config.data.builder_config)
+  test = multi_digits.load_or_prepare(
+      "test", data_dir=data_dir, config=config.data.builder_config)
+  num_train = len(train["left"])
+  masks = multi_digits.label_masks(num_train, fractions, config.data.label_seed)
+  train_arrays = multi_digits.to_batch_arrays(train, masks, names)
+  test_arrays = multi_digits.to_batch_arrays(test, None, names)
+  # The whole split is in memory: validating it once covers every batch.
+  tasks.validate_batch(train_arrays)
+  tasks.validate_batch(test_arrays)
+  unlabelled = multi_digits.unlabelled_pool(masks)
+  indices = (np.setdiff1d(np.arange(num_train), unlabelled)
+             if config.data.drop_unlabelled else None)
+  batcher = pipeline.ArrayBatcher(train_arrays, batch_size=config.batch_size,
+                                  seed=config.seed, indices=indices)
+
+  m = config.model
+  trunk_kwargs = {
+      "mlp": dict(hidden_sizes=tuple(m.hidden_sizes),
+                  dropout_rate=m.dropout_rate),
+      "cnn": dict(channels=tuple(m.channels), strides=tuple(m.strides),
+                  feature_size=m.feature_size, dropout_rate=m.dropout_rate),
+      "resnet": dict(feature_size=m.feature_size),
+  }
+  if m.trunk not in trunk_kwargs:
+    raise ValueError(f"unknown trunk {m.trunk!r}; valid: "
+                     f"{', '.join(sorted(trunk_kwargs))}")
+  model = models_build.make_hard_sharing_model(
+      tasks, models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
+      head_hidden_sizes=tuple(m.head_hidden_sizes))
+
+  o = config.optimizer
+  schedule = optim.make_schedule(o.schedule, o.learning_rate,
+                                 total_steps=config.num_steps,
+                                 warmup_steps=o.warmup_steps)
+  optimizer = optim.make_optimizer(o.name, schedule, momentum=o.momentum,
+                                   weight_decay=o.weight_decay,
+                                   grad_clip_norm=o.grad_clip_norm)
+  weighting_kwargs = {"static": dict(weights=tasks.static_weights),
+                      "equal": dict(num_tasks=len(tasks))}
+  if config.weighting.name not in weighting_kwargs:
+    raise ValueError(f"unknown weighting method {config.weighting.name!r}; "
+                     f"valid: {', '.join(sorted(weighting_kwargs))}")
+  weighting = weighting_lib.get_weighting(
+      config.weighting.name, **weighting_kwargs[config.weighting.name])
+  return Experiment(
+      tasks=tasks, model=model, optimizer=optimizer, schedule=schedule,
+      weighting=weighting, train_batcher=batcher, test_arrays=test_arrays,
+      label_counts={n: int(masks[n].sum()) for n in names},
+      num_train_examples=num_train, num_unlabelled=int(len(unlabelled)))
+
+
+def make_evaluate(exp: Experiment, batch_size: int
+                  ) -> Callable[[Any], dict[str, float]]:
+  """`params -> {"<task>/<metric>": value}` over the whole test split."""
+  eval_step = jax.jit(step_lib.make_eval_step(exp.model.apply, exp.tasks))
+
+  def evaluate(params):
+    total = None
+    for batch in pipeline.eval_batches(exp.test_arrays, batch_size):
+      total = step_lib.accumulate(total, eval_step(params, batch))
+    return step_lib.finalize(exp.tasks, total)
+
+  return evaluate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the results dict."""
+  exp = build_experiment(config)  # validates before anything compiles
+  run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER)
+  logging.info("tasks %s; labelled training examples %s; unlabelled pool %d "
+               "of %d", exp.tasks.names, exp.label_counts, exp.num_unlabelled,
+               exp.num_train_examples)
+
+  rng = jax.random.PRNGKey(config.seed)
+  sample = exp.train_batcher.batch_at(0)
+  params = state_lib.init_params(exp.model, sample["inputs"], rng)
+  state = state_lib.create_train_state(
+      params, exp.optimizer, exp.weighting, len(exp.tasks),
+      jax.random.fold_in(rng, 1))
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.max_checkpoints_to_keep)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    logging.info("resumed from checkpoint at step %d", int(state.step))
+
+  train_step = jax.jit(
+      step_lib.make_train_step(exp.model.apply, exp.tasks, exp.optimizer,
+                               exp.weighting, schedule=exp.schedule),
+      donate_argnums=0)
+  writer = writers.MetricWriter(workdir)
+  evaluate = make_evaluate(exp, config.eval_batch_size)
+  state, final_eval = loop.train_loop(
+      state=state, train_step=train_step, batch_at=exp.train_batcher.batch_at,
+      num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
+      evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
+      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every)
+  if final_eval is None:  # resumed a finished run: evaluate its final state
+    final_eval = evaluate(state.params)
+  writer.close()
+  checkpointer.close()
+
+  results = {
+      "steps": int(state.step),
+      "eval": final_eval,
+      "label_counts": exp.label_counts,
+      "num_train_examples": exp.num_train_examples,
+      "num_unlabelled": exp.num_unlabelled,
+  }
+  with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(os.path.join(workdir, "results.json.tmp"),
+             os.path.join(workdir, "results.json"))
+  eval_keys = tuple(k for k in sorted(final_eval)
+                    if k.split("/")[1] in ("accuracy", "f1", "mae"))
+  writers.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"),
+                      exp.tasks.names, eval_keys)
+  print("test metrics:", json.dumps(
+      {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  # Orbax logs every step of every save at INFO; keep the console for progress.
+  logging.get_absl_handler().addFilter(
+      lambda record: "orbax" not in record.pathname)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,576 @@
+"""`multi_digits`: a small, deterministic MultiMNIST-style multi-task dataset.
+
+Each example is a 12x16 grey canvas holding two real handwritten digits from
+scikit-learn's `load_digits()` (1797 8x8 images, intensities 0..16, shipped with
+scikit-learn, so nothing is downloaded): one on the left, one on the right,
+overlapping in the middle columns and combined by pixel-wise max. Four tasks:
+
+  left     int class 0..9 of the left digit        (classification)
+  right    int class 0..9 of the right digit       (classification)
+  present  float32 [10] multi-hot of digits shown  (multi-label)
+  sum      float32 left + right                    (regression)
+
+Leakage: the 1797 source digits are split once, stratified per class, into
+disjoint train and test POOLS (about 2/3 : 1/3, fixed seed, pixel-identical
+images grouped so that they fall on one side). Train composites only use train
+pool digits and test composites only test pool digits, whatever the seed.
+
+Two ways in:
+  * `generate_split(split, n, seed)`: pure numpy, no files; used by tests and by
+    the TFDS builder.
+  * The TFDS builder `MultiDigits` ("multi_digits", configs "default" and
+    "small", array_record files, no TensorFlow needed): `prepare(data_dir)`
+    once, then `load_split(split, data_dir=...)` reads a whole split.
+
+`label_masks` draws which examples are labelled for which task (semi-supervised
+settings), and `to_batch_arrays` converts a split into the batch format of
+DESIGN.md (inputs, labels zeroed where unlabelled, masks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from sklearn import datasets as sk_datasets
+
+from mtl_jax import tasks as tasks_lib
+
+TASK_NAMES = ("left", "right", "present", "sum")
+SPLITS = ("train", "test")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (12, 16, 1)  # rows, cols, channels
+# Number of composites per split for each TFDS builder config.
+CONFIG_SIZES = {
+    "default": {"train": 20000, "test": 4000},
+    "small": {"train": 2000, "test": 1000},
+}
+
+_DIGIT_SIZE = 8
+_SOURCE_MAX = 16  # load_digits intensities are integers 0..16.
+# Offset ranges (inclusive) of each digit's top-left corner on the canvas. The
+# two column ranges overlap by 4..2 columns, so the digits touch or overlap.
+_LEFT_ROWS, _LEFT_COLS = (0, 4), (0, 2)
+_RIGHT_ROWS, _RIGHT_COLS = (0, 4), (6, 8)
+_TRAIN_POOL_FRACTION = 2 / 3
+_POOL_SEED = 20240601  # fixes the train/test partition of the source digits.
+# Second entry of the per-split numpy seed, so train and test draw from
+# independent streams for the same user seed.
+_SPLIT_STREAM = {"train": 0, "test": 1}
+_BUILDER_SEED = 0  # the seed the TFDS builder passes to generate_split.
+_READ_CHUNK = 4096  # records per __getitems__ call in load_split.
+
+
+# --------------------------------------------------------------------------
+# Source digits and pools.
+
+
+@functools.lru_cache(maxsize=1)
+def source_digits() -> tuple[np.ndarray, np.ndarray]:
+  """The scikit-learn digits, scaled to 0..255.
+
+  Returns:
+    `(images, labels)`: `images` uint8 [1797, 8, 8] with intensity
+    `round(v * 255 / 16)`, `labels` int64 [1797]. Both are read-only (cached).
+  """
+  digits = sk_datasets.load_digits()
+  raw = digits.images  # [M, 8, 8] float64, integer values 0..16
+  images = np.rint(raw * (255.0 / _SOURCE_MAX)).astype(np.uint8)
+  labels = digits.target.astype(np.int64)
+  images.flags.writeable = False
+  labels.flags.writeable = False
+  return images, labels
+
+
+@functools.lru_cache(maxsize=1)
+def source_pools() -> tuple[np.ndarray, np.ndarray]:
+  """The fixed, disjoint train and test pools of source digit indices.
+
+  Pixel-identical source images are grouped first and each group is assigned
+  as a whole (scikit-learn 1.x's digits contain no such duplicates, but the
+  guard costs nothing). Groups are then split per class: a seeded permutation
+  of each class's groups, the first `round(2/3 * groups)` go to train. The
+  partition does not depend on any user seed.
+
+  Returns:
+    `(train_ids, test_ids)`: sorted int64 arrays of indices into
+    `source_digits()`, disjoint, together covering every source digit.
+  """
+  images, labels = source_digits()
+  flat = images.reshape(len(images), -1)  # [M, 64]
+  _, group = np.unique(flat, axis=0, return_inverse=True)
+  group = group.reshape(-1)  # [M]
+  num_groups = group.max() + 1
+  # A group's class is that of its first member; a group with conflicting
+  # labels (none exist) still stays on one side.
+  first_member = np.full(num_groups, len(images))
+  np.minimum.at(first_member, group, np.arange(len(images)))
+  group_label = labels[first_member]  # [G]
+
+  rng = np.random.default_rng(_POOL_SEED)
+  train_group = np.zeros(num_groups, dtype=bool)
+  for c in range(NUM_CLASSES):
+    members = np.flatnonzero(group_label == c)
+    num_train = round(_TRAIN_POOL_FRACTION * len(members))
+    chosen = rng.permutation(members)[:num_train]
+    train_group[chosen] = True
+  is_train = train_group[group]  # [M]
+  train_ids = np.flatnonzero(is_train).astype(np.int64)
+  test_ids = np.flatnonzero(~is_train).astype(np.int64)
+  train_ids.flags.writeable = False
+  test_ids.flags.writeable = False
+  return train_ids, test_ids
+
+
+# --------------------------------------------------------------------------
+# Composites.
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; valid splits are {SPLITS}.")
+
+
+def _paste(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """Places each 8x8 image on its own empty canvas at its (row, col) offset.
+
+  Args:
+    images: uint8 [N, 8, 8].
+    offsets: int [N, 2], top-left (row, col) of each image on the canvas.
+
+  Returns:
+    uint8 [N, 12, 16].
+  """
+  n = len(images)
+  canvas = np.zeros((n,) + IMAGE_SHAPE[:2], dtype=np.uint8)
+  span = np.arange(_DIGIT_SIZE)
+  rows = offsets[:, 0, None, None] + span[None, :, None]  # [N, 8, 1]
+  cols = offsets[:, 1, None, None] + span[None, None, :]  # [N, 1, 8]
+  canvas[np.arange(n)[:, None, None], rows, cols] = images
+  return canvas
+
+
+def _draw_offsets(rng: np.random.Generator, rows: tuple[int, int],
+                  cols: tuple[int, int], n: int) -> np.ndarray:
+  r = rng.integers(rows[0], rows[1] + 1, size=n)
+  c = rng.integers(cols[0], cols[1] + 1, size=n)
+  return np.stack([r, c], axis=1).astype(np.int64)  # [N, 2]
+
+
+def generate_split(split: str, num_examples: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+  """Generates `num_examples` composites of one split, deterministically.
+
+  All randomness comes from `np.random.default_rng([seed, stream(split)])`,
+  in a fixed order: left digit ids, right digit ids, left offsets, right
+  offsets. Train uses only train-pool digits and test only test-pool digits
+  (`source_pools()`), for every seed.
+
+  Args:
+    split: "train" or "test".
+    num_examples: number of composites, >= 0.
+    seed: non-negative integer seed.
+
+  Returns:
+    A dict of arrays with leading axis N = num_examples:
+      image:        uint8   [N, 12, 16, 1], intensities 0..255
+      left, right:  int64   [N], digit classes 0..9
+      present:      float32 [N, 10], multi-hot of {left, right}
+      sum:          float32 [N], left + right
+      left_id, right_id:         int64 [N], indices into `source_digits()`
+      left_offset, right_offset: int64 [N, 2], (row, col) of each digit's
+        top-left corner; left in [0,4]x[0,2], right in [0,4]x[6,8].
+
+  Raises:
+    ValueError: unknown split, negative `num_examples` or negative `seed`.
+  """
+  _check_split(split)
+  if num_examples < 0:
+    raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+  if seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+  images, labels = source_digits()
+  train_ids, test_ids = source_pools()
+  pool = train_ids if split == "train" else test_ids
+  rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
+
+  left_id = pool[rng.integers(len(pool), size=num_examples)]  # [N]
+  right_id = pool[rng.integers(len(pool), size=num_examples)]  # [N]
+  left_offset = _draw_offsets(rng, _LEFT_ROWS, _LEFT_COLS, num_examples)
+  right_offset = _draw_offsets(rng, _RIGHT_ROWS, _RIGHT_COLS, num_examples)
+
+  # Pasting already-scaled digits then taking the max equals scaling the max,
+  # because rounding after a monotone scale preserves order.
+  image = np.maximum(_paste(images[left_id], left_offset),
+                     _paste(images[right_id], right_offset))[..., None]
+  left, right = labels[left_id], labels[right_id]
+  present = np.zeros((num_examples, NUM_CLASSES), dtype=np.float32)
+  rows = np.arange(num_examples)
+  present[rows, left] = 1.0
+  present[rows, right] = 1.0
+  return {
+      "image": image,
+      "left": left,
+      "right": right,
+      "present": present,
+      "sum": (left + right).astype(np.float32),
+      "left_id": left_id,
+      "right_id": right_id,
+      "left_offset": left_offset,
+      "right_offset": right_offset,
+  }
+
+
+# --------------------------------------------------------------------------
+# TFDS builder.
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class MultiDigitsConfig(tfds.core.BuilderConfig):
+  """Builder config: how many composites each split holds."""
+  num_train: int = 0
+  num_test: int = 0
+
+
+class MultiDigits(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder for `multi_digits` (see the module docstring).
+
+  Records are written as array_record (construct with
+  `file_format="array_record"`; `prepare` does) and read with
+  `tfds.data_source`, so neither TensorFlow nor tf.data is needed. Each
+  record also stores its `index` in `generate_split` order, because TFDS
+  shuffles records on write; `load_split` uses it to restore the order.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release: 12x16 two-digit composites of sklearn digits "
+               "with left/right/present/sum labels and disjoint source pools.",
+  }
+  BUILDER_CONFIGS = [
+      MultiDigitsConfig(
+          name=name,
+          description=(f"{sizes['train']} train and {sizes['test']} test "
+                       "composites."),
+          num_train=sizes["train"],
+          num_test=sizes["test"],
+      ) for name, sizes in CONFIG_SIZES.items()
+  ]
+
+  # TFDS's default `code_path` touches `importlib_resources`, which
+  # tensorflow-datasets only declares for Python < 3.9 and is not installed
+  # here; this file is the builder's code, so say so directly.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    int64 = np.int64
+    return self.dataset_info_from_configs(
+        description=(
+            "Two handwritten sklearn digits side by side on a 12x16 canvas, "
+            "with left, right, present (multi-hot) and sum labels."),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(
+                shape=IMAGE_SHAPE, dtype=np.uint8,
+                doc="Two-digit composite, intensities 0..255."),
+            "left": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            "right": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            "present": tfds.features.Tensor(
+                shape=(NUM_CLASSES,), dtype=np.float32,
+                doc="Multi-hot of the digit classes shown."),
+            "sum": tfds.features.Scalar(dtype=np.float32, doc="left + right."),
+            "left_id": tfds.features.Scalar(
+                dtype=int64, doc="Index of the left digit in load_digits()."),
+            "right_id": tfds.features.Scalar(
+                dtype=int64, doc="Index of the right digit in load_digits()."),
+            "left_offset": tfds.features.Tensor(
+                shape=(2,), dtype=int64, doc="(row, col) of the left digit."),
+            "right_offset": tfds.features.Tensor(
+                shape=(2,), dtype=int64, doc="(row, col) of the right digit."),
+            "index": tfds.features.Scalar(
+                dtype=int64, doc="Position in generate_split order."),
+        }),
+        supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the digits ship with scikit-learn.
+    return {
+        split: self._generate_examples(split, num)
+        for split, num in (("train", self.builder_config.num_train),
+                           ("test", self.builder_config.num_test))
+    }
+
+  def _generate_examples(self, split: str, num_examples: int):
+    arrays = generate_split(split, num_examples, seed=_BUILDER_SEED)
+    for i in range(num_examples):
+      example = {name: values[i] for name, values in arrays.items()}
+      example["index"] = i
+      yield i, example
+
+
+def _builder(data_dir: str, config: str) -> MultiDigits:
+  if config not in CONFIG_SIZES:
+    raise ValueError(f"Unknown multi_digits config {config!r}; valid configs "
+                     f"are {tuple(CONFIG_SIZES)}.")
+  return MultiDigits(config=config, data_dir=data_dir,
+                     file_format="array_record")
+
+
+def prepare(data_dir: str, config: str = "default") -> None:
+  """Writes the dataset's array_record files under `data_dir` (idempotent).
+
+  Args:
+    data_dir: TFDS data directory; files go to
+      `{data_dir}/multi_digits/{config}/1.0.0/`.
+    config: "default" (20000 train / 4000 test) or "small" (2000 / 1000).
+
+  Raises:
+    ValueError: unknown config.
+  """
+  builder = _builder(data_dir, config)
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
+def load_split(split: str, *, data_dir: str,
+               config: str = "default") -> dict[str, np.ndarray]:
+  """Reads a whole prepared split into numpy, in `generate_split` order.
+
+  The result equals `generate_split(split, n, seed=0)` array for array, with
+  n the config's split size.
+
+  Args:
+    split: "train" or "test".
+    data_dir: the TFDS data directory given to `prepare`.
+    config: builder config name.
+
+  Returns:
+    The dict of stacked arrays described in `generate_split`.
+
+  Raises:
+    ValueError: unknown split or config.
+    FileNotFoundError: the dataset was not prepared under `data_dir`.
+    RuntimeError: the stored `index` feature is not a permutation of 0..n-1
+      (corrupted or mixed files).
+  """
+  _check_split(split)
+  builder = _builder(data_dir, config)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"multi_digits/{config} {MultiDigits.VERSION} is not prepared in "
+        f"data_dir={str(data_dir)!r} (looked for {builder.data_dir}). Call "
+        f"mtl_jax.data.multi_digits.prepare({str(data_dir)!r}, {config!r}) "
+        "first, or use load_or_prepare(...).")
+  source = tfds.data_source(f"multi_digits/{config}", split=split,
+                            data_dir=data_dir)
+  n = len(source)
+  records = []
+  for start in range(0, n, _READ_CHUNK):
+    stop = min(start + _READ_CHUNK, n)
+    records.extend(source.__getitems__(list(range(start, stop))))
+  # Scalars decode to Python numbers, so cast back to the declared dtype.
+  features = builder.info.features
+  arrays = {
+      name: np.asarray([r[name] for r in records],
+                       dtype=feature.np_dtype).reshape((n,) + feature.shape)
+      for name, feature in features.items()
+  }
+  index = arrays.pop("index")
+  order = np.argsort(index, kind="stable")
+  if not np.array_equal(index[order], np.arange(n)):
+    raise RuntimeError(
+        f"multi_digits/{config} split {split!r} in {builder.data_dir} has "
+        "duplicate or missing `index` values; delete it and prepare again.")
+  return {name: values[order] for name, values in arrays.items()}
+
+
+def load_or_prepare(split: str, *, data_dir: str,
+                    config: str = "default") -> dict[str, np.ndarray]:
+  """`prepare` (a no-op when already prepared), then `load_split`.
+
+  Args:
+    split: "train" or "test".
+    data_dir: TFDS data directory.
+    config: builder config name.
+
+  Returns:
+    See `load_split`.
+
+  Raises:
+    ValueError: unknown split or config.
+  """
+  _check_split(split)
+  prepare(data_dir, config)
+  return load_split(split, data_dir=data_dir, config=config)
+
+
+# --------------------------------------------------------------------------
+# Partial labels and the batch format.
+
+
+def label_masks(num_examples: int, fractions: Mapping[str, float],
+                seed: int) -> dict[str, np.ndarray]:
+  """Chooses, per task, which examples carry that task's label.
+
+  Task `t` with fraction `f` labels exactly `round(f * N)` examples (Python's
+  round: halves go to the even integer), the first ones of the permutation
+  `np.random.default_rng([seed, crc32(t)]).permutation(N)`. The subset depends
+  only on (seed, task name, f, N): adding, removing or changing another task
+  leaves it unchanged, different tasks get different overlapping subsets, and
+  raising `f` only adds examples (the subsets are nested).
+
+  Args:
+    num_examples: N, the number of examples in the split.
+    fractions: task name -> labelled fraction in [0, 1].
+    seed: non-negative integer seed.
+
+  Returns:
+    task name -> float32 [N] mask, 1.0 where labelled.
+
+  Raises:
+    ValueError: a fraction outside [0, 1] (or NaN), negative N or seed.
+  """
+  if num_examples < 0:
+    raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+  if seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+  masks = {}
+  for task, fraction in fractions.items():
+    if not 0.0 <= fraction <= 1.0:  # also rejects NaN
+      raise ValueError(f"Label fraction for task {task!r} must be in [0, 1], "
+                       f"got {fraction!r}.")
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8"))])
+    chosen = rng.permutation(num_examples)[:int(round(fraction * num_examples))]
+    mask = np.zeros(num_examples, dtype=np.float32)
+    mask[chosen] = 1.0
+    masks[task] = mask
+  return masks
+
+
+def unlabelled_pool(masks: Mapping[str, np.ndarray]) -> np.ndarray:
+  """Indices of the examples that no task labels.
+
+  Args:
+    masks: task name -> [N] mask, as from `label_masks`.
+
+  Returns:
+    int64 [U] sorted indices where every mask is 0.
+
+  Raises:
+    ValueError: no masks (N unknown), or masks of different lengths.
+  """
+  if not masks:
+    raise ValueError("unlabelled_pool needs at least one task mask.")
+  lengths = {task: np.shape(m)[0] for task, m in masks.items()}
+  if len(set(lengths.values())) != 1:
+    raise ValueError(f"Masks have different lengths: {lengths}.")
+  labelled = np.any(np.stack([np.asarray(m) > 0 for m in masks.values()]),
+                    axis=0)  # [N]
+  return np.flatnonzero(~labelled).astype(np.int64)
+
+
+def to_batch_arrays(examples: Mapping[str, np.ndarray],
+                    masks: Mapping[str, np.ndarray] | None,
+                    tasks: Sequence[str]) -> dict:
+  """Converts a whole split into the DESIGN.md batch format.
+
+  Labels of examples whose mask is 0 are set to zero, so a label can never
+  reach a loss through a path that forgets the mask.
+
+  Args:
+    examples: arrays from `generate_split` or `load_split` (N examples).
+    masks: task name -> [N] mask (from `label_masks`) with an entry for every
+      task in `tasks`; None means every example is labelled (e.g. test).
+    tasks: the tasks to include, a subset of `TASK_NAMES`.
+
+  Returns:
+    {"inputs": float32 [N, 12, 16, 1] in [0, 1],
+     "labels": {"left": int32 [N], "right": int32 [N],
+                "present": float32 [N, 10], "sum": float32 [N]} (requested
+               tasks only),
+     "masks": {task: float32 [N]}}
+
+  Raises:
+    ValueError: an unknown or repeated task, a mask missing for a requested
+      task, a mask for an unknown task, or a mask of the wrong length.
+  """
+  unknown = [t for t in tasks if t not in TASK_NAMES]
+  if unknown:
+    raise ValueError(f"Unknown multi_digits task(s) {unknown}; valid tasks are "
+                     f"{TASK_NAMES}.")
+  if len(set(tasks)) != len(tasks):
+    raise ValueError(f"Repeated task in {list(tasks)}.")
+  n = len(examples["image"])
+  if masks is not None:
+    unknown = [t for t in masks if t not in TASK_NAMES]
+    if unknown:
+      raise ValueError(f"Masks given for unknown task(s) {unknown}; valid "
+                       f"tasks are {TASK_NAMES}.")
+    missing = [t for t in tasks if t not in masks]
+    if missing:
+      raise ValueError(f"No mask for task(s) {missing}; give a fraction for "
+                       "every task to label_masks (1.0 = fully labelled), or "
+                       "pass masks=None.")
+  dtypes = {"left": np.int32, "right": np.int32, "present": np.float32,
+            "sum": np.float32}
+  labels, out_masks = {}, {}
+  for task in tasks:
+    if masks is None:
+      mask = np.ones(n, dtype=np.float32)
+    else:
+      mask = np.asarray(masks[task], dtype=np.float32)
+      if mask.shape != (n,):
+        raise ValueError(f"Mask for task {task!r} has shape {mask.shape}, "
+                         f"expected ({n},).")
+    label = np.asarray(examples[task]).astype(dtypes[task])
+    keep = (mask > 0).reshape((n,) + (1,) * (label.ndim - 1))
+    labels[task] = np.where(keep, label, np.zeros((), dtypes[task]))
+    out_masks[task] = mask
+  return {
+      "inputs": examples["image"].astype(np.float32) / 255.0,
+      "labels": labels,
+      "masks": out_masks,
+  }
+
+
+# --------------------------------------------------------------------------
+# The dataset's tasks.
+
+
+def task_set(weights: Mapping[str, float] | None = None,
+             sum_loss: str = "huber") -> tasks_lib.TaskSet:
+  """The four multi_digits tasks, in `TASK_NAMES` order.
+
+  - left, right: 10-way classification of each digit (softmax CE, accuracy);
+  - present: which digits appear, 10 sigmoid outputs (binary CE, micro F1);
+  - sum: left + right as a scalar regression (`sum_loss`, MAE and RMSE).
+
+  Args:
+    weights: static loss weight per task (default 1.0 each).
+    sum_loss: loss of the regression task: "mse", "l1" or "huber".
+
+  Raises:
+    ValueError: `weights` names an unknown task.
+  """
+  weights = dict(weights or {})
+  unknown = sorted(set(weights) - set(TASK_NAMES))
+  if unknown:
+    raise ValueError(f"weights for unknown multi_digits task(s) {unknown}; "
+                     f"valid tasks: {', '.join(TASK_NAMES)}")
+  w = {name: float(weights.get(name, 1.0)) for name in TASK_NAMES}
+  return tasks_lib.TaskSet([
+      tasks_lib.classification_task("left", NUM_CLASSES, weight=w["left"]),
+      tasks_lib.classification_task("right", NUM_CLASSES, weight=w["right"]),
+      tasks_lib.multilabel_task("present", NUM_CLASSES, weight=w["present"]),
+      tasks_lib.regression_task("sum", loss=sum_loss, weight=w["sum"]),
+  ])

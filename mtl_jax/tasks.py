@@ -1,0 +1,294 @@
+"""Task specs, the task set, batch validation and the masked per-task losses.
+
+A `Task` says everything the rest of the code needs to know about one prediction
+problem: its kind, the shape and dtype of one example's label, the head that
+predicts it (its output shape), its masked loss and metrics, and its static weight.
+A `TaskSet` is an ordered, immutable collection of tasks; the order fixes the task
+axis `[K]` used by weighting and aggregation methods.
+
+Batches follow the DESIGN.md contract:
+
+  {"inputs": [B, ...],
+   "labels": {task: [B, *label_shape]},   # zeros where the example has no label
+   "masks":  {task: [B] or [B, *dense]}}  # 1.0 where labelled, 0.0 where not
+
+`TaskSet.validate_batch` checks a host (numpy) batch against the specs so that a
+user's mistake fails with a message naming the task and the problem before anything
+is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax import losses as losses_lib
+from mtl_jax import metrics as metrics_lib
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+KINDS = ("classification", "multilabel", "regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One supervised prediction problem.
+
+  Attributes:
+    name: unique task name; the key of the task in batches, params and metrics.
+    kind: one of `KINDS`.
+    output_shape: shape of the head's prediction for one example (e.g. `(10,)`
+      logits for a 10-class task, `()` for a scalar regression).
+    label_shape: shape of one example's label (`()` for a class index).
+    label_dtype: "int32" for class indices, "float32" otherwise.
+    loss: masked loss `(prediction, label, mask) -> (loss_sum, count)`.
+    metrics: metrics reported by evaluation, each over labelled examples only.
+    weight: static loss weight (used by the `static` weighting method).
+    num_classes: number of classes for classification tasks (label range check).
+  """
+
+  name: str
+  kind: str
+  output_shape: tuple[int, ...]
+  label_shape: tuple[int, ...]
+  label_dtype: str
+  loss: LossFn
+  metrics: tuple[metrics_lib.Metric, ...]
+  weight: float = 1.0
+  num_classes: int | None = None
+
+  def __post_init__(self):
+    if not self.name or "/" in self.name:
+      raise ValueError(f"invalid task name {self.name!r}: must be non-empty, no '/'")
+    if self.kind not in KINDS:
+      raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; "
+                       f"valid: {', '.join(KINDS)}")
+    if not np.isfinite(self.weight) or self.weight < 0:
+      raise ValueError(f"task {self.name!r}: weight must be finite and >= 0, "
+                       f"got {self.weight}")
+    names = [m.name for m in self.metrics]
+    if len(set(names)) != len(names):
+      raise ValueError(f"task {self.name!r}: duplicate metric names {names}")
+
+  @property
+  def output_dim(self) -> int:
+    """Number of scalars the head outputs per example (its last Dense width)."""
+    return int(np.prod(self.output_shape, dtype=np.int64))
+
+
+def classification_task(name: str, num_classes: int, *, weight: float = 1.0,
+                        label_smoothing: float = 0.0) -> Task:
+  """A single-label classification task: logits `[C]`, integer label, CE loss."""
+  if num_classes < 2:
+    raise ValueError(f"task {name!r}: num_classes must be >= 2, got {num_classes}")
+  return Task(
+      name=name, kind="classification", output_shape=(num_classes,),
+      label_shape=(), label_dtype="int32",
+      loss=losses_lib.get_loss("softmax_cross_entropy",
+                               label_smoothing=label_smoothing),
+      metrics=(metrics_lib.accuracy(),), weight=weight, num_classes=num_classes)
+
+
+def multilabel_task(name: str, num_labels: int, *, weight: float = 1.0) -> Task:
+  """A multi-label task: one sigmoid logit per label, binary CE, micro F1."""
+  if num_labels < 1:
+    raise ValueError(f"task {name!r}: num_labels must be >= 1, got {num_labels}")
+  return Task(
+      name=name, kind="multilabel", output_shape=(num_labels,),
+      label_shape=(num_labels,), label_dtype="float32",
+      loss=losses_lib.get_loss("sigmoid_binary_cross_entropy"),
+      metrics=(metrics_lib.binary_f1(),),
+      weight=weight)
+
+
+def regression_task(name: str, shape: Sequence[int] = (), *, loss: str = "mse",
+                    weight: float = 1.0, **loss_kwargs: Any) -> Task:
+  """A regression task with targets of `shape` per example (`()`: a scalar)."""
+  shape = tuple(int(d) for d in shape)
+  return Task(
+      name=name, kind="regression", output_shape=shape, label_shape=shape,
+      label_dtype="float32", loss=losses_lib.get_loss(loss, **loss_kwargs),
+      metrics=(metrics_lib.mean_absolute_error(),
+               metrics_lib.root_mean_squared_error()),
+      weight=weight)
+
+
+class TaskSet(Sequence[Task]):
+  """An ordered, immutable set of tasks with unique names."""
+
+  def __init__(self, tasks: Sequence[Task]):
+    tasks = tuple(tasks)
+    if not tasks:
+      raise ValueError("a TaskSet needs at least one task")
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+      raise ValueError(f"duplicate task names: {dupes}")
+    self._tasks = tasks
+    self._by_name = {t.name: t for t in tasks}
+
+  def __len__(self) -> int:
+    return len(self._tasks)
+
+  def __getitem__(self, key):  # int index or task name
+    if isinstance(key, str):
+      return self.get(key)
+    return self._tasks[key]
+
+  def __iter__(self) -> Iterator[Task]:
+    return iter(self._tasks)
+
+  def __repr__(self) -> str:
+    return f"TaskSet({', '.join(self.names)})"
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(t.name for t in self._tasks)
+
+  @property
+  def static_weights(self) -> tuple[float, ...]:
+    return tuple(t.weight for t in self._tasks)
+
+  def get(self, name: str) -> Task:
+    """Returns the task called `name`; raises KeyError listing the valid names."""
+    try:
+      return self._by_name[name]
+    except KeyError:
+      raise KeyError(f"unknown task {name!r}; valid tasks: "
+                     f"{', '.join(self.names)}") from None
+
+  def select(self, names: Sequence[str]) -> "TaskSet":
+    """The sub-set of tasks called `names`, in that order."""
+    return TaskSet([self.get(n) for n in names])
+
+  def validate_batch(self, batch: Mapping[str, Any]) -> None:
+    """Checks a host batch against the task specs.
+
+    Run it on the first batch of every data stream (it reads values, so keep it
+    out of jit). It checks that labels and masks exist for exactly this set of
+    tasks, their batch sizes agree, label shapes and dtypes match the specs, each
+    mask's shape is a prefix of its label's (per-example `[B]` or dense), masks are
+    finite and in [0, 1], class labels lie in `[0, num_classes)`, and float labels
+    and inputs are finite.
+
+    Raises:
+      ValueError: naming the task, the field and what was expected.
+    """
+    for key in ("inputs", "labels", "masks"):
+      if key not in batch:
+        raise ValueError(f"batch has no {key!r} entry; expected keys "
+                         "'inputs', 'labels', 'masks'")
+    batch_size = _check_inputs(batch["inputs"])
+    for field in ("labels", "masks"):
+      given = set(batch[field])
+      unknown = sorted(given - set(self.names))
+      missing = [n for n in self.names if n not in given]
+      if unknown:
+        raise ValueError(f"batch[{field!r}] has unknown task(s) {unknown}; "
+                         f"tasks: {', '.join(self.names)}")
+      if missing:
+        raise ValueError(f"batch[{field!r}] is missing task(s) {missing}: every "
+                         "task needs an entry in every batch (mask 0 where "
+                         "unlabelled)")
+    for task in self:
+      label = np.asarray(batch["labels"][task.name])
+      mask = np.asarray(batch["masks"][task.name])
+      _check_label(task, label, batch_size)
+      _check_mask(task, mask, label.shape)
+
+
+def _check_inputs(inputs: Any) -> int:
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError("batch['inputs'] is empty")
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"batch['inputs'] arrays disagree on the batch size: {sizes}")
+  for x in leaves:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+      raise ValueError("batch['inputs'] contains NaN or Inf")
+  return sizes.pop()
+
+
+def _check_label(task: Task, label: np.ndarray, batch_size: int) -> None:
+  expected = (batch_size,) + task.label_shape
+  if label.shape != expected:
+    raise ValueError(f"task {task.name!r}: label shape {label.shape} does not "
+                     f"match [batch, *label_shape] = {expected}")
+  if task.label_dtype == "int32":
+    if not np.issubdtype(label.dtype, np.integer):
+      raise ValueError(f"task {task.name!r}: labels must be integer class "
+                       f"indices, got dtype {label.dtype}")
+    bad = (label < 0) | (label >= task.num_classes)
+    if np.any(bad):
+      raise ValueError(
+          f"task {task.name!r}: class label {int(label[bad].flat[0])} out of "
+          f"range [0, {task.num_classes})")
+  else:
+    if not np.issubdtype(label.dtype, np.floating):
+      raise ValueError(f"task {task.name!r}: labels must be floating point, "
+                       f"got dtype {label.dtype}")
+    if not np.all(np.isfinite(label)):
+      raise ValueError(f"task {task.name!r}: labels contain NaN or Inf")
+    if task.kind == "multilabel" and np.any((label < 0) | (label > 1)):
+      raise ValueError(f"task {task.name!r}: multi-label targets must lie in "
+                       "[0, 1]")
+
+
+def _check_mask(task: Task, mask: np.ndarray, label_shape: tuple[int, ...]):
+  if mask.ndim == 0 or mask.shape != label_shape[:mask.ndim]:
+    raise ValueError(f"task {task.name!r}: mask shape {mask.shape} must be the "
+                     f"batch shape {label_shape[:1]} or a prefix of the label "
+                     f"shape {label_shape}")
+  if not np.issubdtype(mask.dtype, np.floating):
+    raise ValueError(f"task {task.name!r}: mask must be floating point (1.0 "
+                     f"labelled, 0.0 not), got dtype {mask.dtype}")
+  if not np.all(np.isfinite(mask)) or np.any((mask < 0) | (mask > 1)):
+    raise ValueError(f"task {task.name!r}: mask values must lie in [0, 1]")
+
+
+def check_predictions(tasks: TaskSet, predictions: Mapping[str, Any],
+                      batch_size: int) -> None:
+  """Checks that a model's predictions match the task specs (at trace time)."""
+  missing = [n for n in tasks.names if n not in predictions]
+  if missing:
+    raise ValueError(f"model has no prediction for task(s) {missing}")
+  for task in tasks:
+    shape = tuple(jnp.shape(predictions[task.name]))
+    expected = (batch_size,) + task.output_shape
+    if shape != expected:
+      raise ValueError(f"task {task.name!r}: prediction shape {shape} != "
+                       f"[batch, *output_shape] = {expected}")
+
+
+def task_loss_sums(tasks: TaskSet, predictions: Mapping[str, jax.Array],
+                   batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+  """Per-task masked loss sums and label counts, stacked in task order.
+
+  Returns:
+    `(loss_sums [K], counts [K])`; the task losses are
+    `loss_sums / max(counts, 1)` once both are reduced over the global batch.
+  """
+  sums, counts = [], []
+  for task in tasks:
+    s, c = task.loss(predictions[task.name], batch["labels"][task.name],
+                     batch["masks"][task.name])
+    sums.append(s)
+    counts.append(c)
+  return jnp.stack(sums), jnp.stack(counts)  # [K], [K]
+
+
+def task_metric_stats(tasks: TaskSet, predictions: Mapping[str, jax.Array],
+                      batch: Mapping[str, Any]) -> dict[str, Any]:
+  """Summable metric statistics per task: `{task: {metric: {stat: sum}}}`."""
+  return {
+      task.name: metrics_lib.compute_stats(
+          task.metrics, predictions[task.name], batch["labels"][task.name],
+          batch["masks"][task.name])
+      for task in tasks
+  }

@@ -1,0 +1,1 @@
+"""TrainState, the pure train/eval steps, the loop, checkpoints and metric writers."""

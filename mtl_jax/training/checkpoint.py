@@ -1,0 +1,66 @@
+"""Orbax checkpoints of the TrainState in a run's workdir.
+
+Orbax writes each step into a temporary directory and renames it when complete
+(and marks it committed), so a crash during a save never damages an earlier
+checkpoint; `latest_step` only ever sees finished ones. The data iterator position
+needs no saving of its own: batches are a pure function of (seed, step), so the
+restored `state.step` is the iterator position.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints`.
+
+  Args:
+    directory: where the step directories live.
+    max_to_keep: how many of the newest checkpoints to keep.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, wait: bool = False) -> None:
+    """Saves `state` as checkpoint `step` (asynchronously unless `wait`)."""
+    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+    if wait:
+      self._manager.wait_until_finished()
+
+  def restore(self, state_like: Any, step: int | None = None) -> Any:
+    """Restores checkpoint `step` (the latest by default) shaped like `state_like`.
+
+    `state_like` gives the tree structure, shapes, dtypes and shardings (e.g. the
+    freshly initialised state); its values are not used.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint to restore.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    return self._manager.restore(int(step),
+                                 args=ocp.args.StandardRestore(abstract))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

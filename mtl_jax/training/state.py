@@ -1,0 +1,59 @@
+"""The training state: everything a step reads and writes, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_jax.weighting import Weighting
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Pure data: no functions, so it checkpoints and shards as a plain pytree.
+
+  Attributes:
+    step: number of updates applied so far (int32 scalar).
+    params: `{"shared": ..., "tasks": {task: ...}}`.
+    opt_state: the optax optimizer state.
+    weighting_state: the loss-weighting method's state.
+    rng: base PRNG key (raw uint32 `[2]`); the step folds in `step`, so the key
+      used at step s is the same whether or not the run was resumed.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  weighting_state: Any
+  rng: jax.Array
+
+
+def create_train_state(params: Any, optimizer: optax.GradientTransformation,
+                       weighting: Weighting, num_tasks: int,
+                       rng: jax.Array) -> TrainState:
+  """The state at step 0."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    weighting_state=weighting.init(num_tasks), rng=rng)
+
+
+def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:
+  """Initialises a linen model's params from one (host) sample batch."""
+  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(
+      rng, sample_inputs)
+  unexpected = sorted(set(variables) - {"params"})
+  if unexpected:
+    raise ValueError(f"model has non-param collections {unexpected}; the train "
+                     "step only carries 'params'")
+  params = variables["params"]
+  missing = sorted({"shared", "tasks"} - set(params))
+  if missing:
+    raise ValueError(f"model params lack {missing}: multi-task models must split "
+                     "params as {'shared': ..., 'tasks': {task: ...}}")
+  return params
+
+
+ApplyFn = Callable[..., Any]

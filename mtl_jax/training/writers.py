@@ -1,0 +1,119 @@
+"""Metric writers (JSONL + TensorBoard), console progress, and a PNG of curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+
+
+def _to_float(value: Any) -> float:
+  return float(value)
+
+
+class MetricWriter:
+  """Appends `{"step": s, "split": ..., **scalars}` lines to `metrics.jsonl` and
+  writes the same scalars as TensorBoard events under `<workdir>/tb`.
+
+  Args:
+    workdir: the run directory.
+    enabled: False on non-zero processes of a multi-host run (they write nothing).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: Mapping[str, Any], *,
+            split: str = "train") -> None:
+    if not self.enabled:
+      return
+    values = {k: _to_float(v) for k, v in scalars.items()}
+    record = {"step": int(step), "split": split, **values}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(record, allow_nan=True) + "\n")
+    for key, value in values.items():
+      if math.isfinite(value):
+        self._tb.add_scalar(f"{split}/{key}", value, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Formats steps/s and ETA for the console."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total_steps = total_steps
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    """Returns `steps_per_sec` and `eta_sec` since the previous call."""
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    return {"steps_per_sec": rate, "eta_sec": eta}
+
+
+def format_progress(step: int, total: int, scalars: Mapping[str, float],
+                    keys: tuple[str, ...]) -> str:
+  parts = [f"step {step}/{total}"]
+  if "steps_per_sec" in scalars:
+    parts.append(f"{scalars['steps_per_sec']:.1f} steps/s")
+    eta = scalars.get("eta_sec", float("inf"))
+    parts.append(f"ETA {eta:.0f}s" if math.isfinite(eta) else "ETA ?")
+  parts += [f"{k}={scalars[k]:.4g}" for k in keys if k in scalars]
+  return " | ".join(parts)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
+                eval_metrics: tuple[str, ...] = ()) -> None:
+  """Plots train task losses and eval metrics against the step into a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = read_jsonl(jsonl_path)
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  ncols = 2 if eval_metrics else 1
+  fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+  ax = axes[0, 0]
+  for name in task_names:
+    pts = [(r["step"], r[f"{name}/loss"]) for r in train
+           if f"{name}/loss" in r and r.get(f"{name}/count", 1) > 0]
+    if pts:
+      ax.plot(*zip(*pts), label=name)
+  ax.set(xlabel="step", ylabel="train loss", yscale="log",
+         title="per-task train loss")
+  ax.legend()
+  if eval_metrics:
+    ax = axes[0, 1]
+    for key in eval_metrics:
+      pts = [(r["step"], r[key]) for r in evals if key in r]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=key)
+    ax.set(xlabel="step", title="test metrics")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+  logging.info("wrote %s", png_path)
