@@ -1,26 +1,27 @@
-"""Masked losses: `(prediction, label, mask, **hyperparams) -> (loss_sum, count)`.
+"""Masked losses: `(prediction, label, mask, **hyperparams) -> (sum, count)`.
 
 Every loss returns two float32 scalars, a masked SUM and the label COUNT, rather
-than a mean: sums add across batches, devices (`psum`) and hosts, so the task loss
-`masked_mean(loss_sum, count) = loss_sum / max(count, 1)` is taken once, over the
-global batch. All functions are pure, jit-able and differentiable; shapes are
-checked at trace time and a mismatch raises a `ValueError` naming the problem.
+than a mean: sums add across batches, devices (`psum`) and hosts, so the task
+loss `masked_mean(loss_sum, count) = loss_sum / max(count, 1)` is taken once,
+over the global batch. All functions are pure, jit-able and differentiable;
+shapes are checked at trace time and a mismatch raises a `ValueError` naming
+the problem.
 
 Mask semantics (shared with `mtl_jax.metrics`):
 
 * `mask` is float: 1.0 where the position is labelled, 0.0 where it is not.
-  Fractional values act as weights (of examples or elements). Negative values are
-  invalid; they are treated as 0 in both the sum and the count so that the two
-  always agree. Bool and integer masks are cast to float32.
+  Fractional values act as weights (of examples or elements). Negative values
+  are invalid; they are treated as 0 in both the sum and the count so that the
+  two always agree. Bool and integer masks are cast to float32.
 * `mask.shape` is a PREFIX of the per-position loss shape: `[B]` for per-example
-  labels, or `[B, ...]` for dense per-element masks (per pixel, per token). The
-  per-position loss has the label's shape for every loss here (softmax CE reduces
-  the class axis away; the element-wise losses keep every axis).
+  labels, or `[B, ...]` for dense per-element masks (per pixel, per token).
+  The per-position loss has the label's shape for every loss here (softmax CE
+  reduces the class axis away; the element-wise losses keep every axis).
 * Trailing loss axes that the mask does not cover are AVERAGED first: a
-  multi-label `[B, 10]` target with a `[B]` mask contributes, per example, the mean
-  of its 10 BCE terms; a `[B, H, W, C]` image with a `[B, H, W]` mask contributes,
-  per pixel, the mean over channels. Hence `count` counts mask positions
-  (examples, pixels, tokens), never the elements averaged inside them.
+  multi-label `[B, 10]` target with a `[B]` mask contributes, per example, the
+  mean of its 10 BCE terms; a `[B, H, W, C]` image with a `[B, H, W]` mask
+  contributes, per pixel, the mean over channels. Hence `count` counts mask
+  positions (examples, pixels, tokens), never the elements averaged inside.
 * `loss_sum = sum(where(mask > 0, mask * l, 0))` and `count = sum(mask)` over
   the mask's positions.
 
@@ -65,7 +66,8 @@ def validate_mask(mask_shape: tuple[int, ...], loss_shape: tuple[int, ...],
     caller: name of the loss or metric, used in the error message.
 
   Raises:
-    ValueError: if the mask has no batch axis or is not a prefix of `loss_shape`.
+    ValueError: if the mask has no batch axis or is not a prefix of
+      `loss_shape`.
   """
   mask_shape, loss_shape = tuple(mask_shape), tuple(loss_shape)
   if not loss_shape:
@@ -219,9 +221,9 @@ def softmax_cross_entropy(
     `(loss_sum, count)`, float32 scalars (see the module docstring).
 
   Raises:
-    ValueError: if the labels are not integer, `labels.shape != logits.shape[:-1]`,
-      the mask is not a prefix of `labels.shape`, or `label_smoothing` is
-      outside `[0, 1]`.
+    ValueError: if the labels are not integer, if
+      `labels.shape != logits.shape[:-1]`, if the mask is not a prefix of
+      `labels.shape`, or if `label_smoothing` is outside `[0, 1]`.
   """
   caller = "softmax_cross_entropy"
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
@@ -291,7 +293,8 @@ def sigmoid_binary_cross_entropy(
   mask = clean_mask(mask)
   x = zero_unlabelled(logits.astype(jnp.float32), mask)
   y = zero_unlabelled(labels.astype(jnp.float32), mask)
-  per_element = -(y * jax.nn.log_sigmoid(x) + (1.0 - y) * jax.nn.log_sigmoid(-x))
+  per_element = -(y * jax.nn.log_sigmoid(x)
+                  + (1.0 - y) * jax.nn.log_sigmoid(-x))
   return masked_sum_and_count(per_element, mask)
 
 
@@ -409,7 +412,8 @@ def get_loss(name: str, **hyperparams: Any) -> LossFn:
     TypeError: if a hyperparameter is not accepted by that loss.
   """
   if name not in LOSSES:
-    raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+    raise ValueError(
+        f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
   fn = LOSSES[name]
   valid = _keyword_hyperparams(fn)
   unknown = sorted(set(hyperparams) - set(valid))

@@ -7,9 +7,9 @@ A `Metric` is a pair of pure functions in the style of optax's
   statistics that are SUMS, so they add across batches (`add_stats`), devices
   (`jax.lax.psum`) and hosts, whatever the batch split;
 * `finalize(summed_stats) -> float`: the metric value, computed once on the host
-  from the accumulated sums. It accepts NumPy or (concrete) JAX scalars, computes
-  in float64, and returns `float('nan')` when the metric is undefined (nothing
-  labelled, or F1 with no positives at all): undefined is not 0.
+  from the accumulated sums. It accepts NumPy or (concrete) JAX scalars,
+  computes in float64, and returns `float('nan')` when the metric is undefined
+  (nothing labelled, or F1 with no positives at all): undefined is not 0.
 
 Mask semantics follow `mtl_jax.losses`: `mask` is float (1 labelled, 0 not,
 fractional = weight, negative treated as 0), its shape is a prefix of the label
@@ -25,9 +25,9 @@ axes the mask does not cover are handled per metric:
   elements, the final value equals the element-wise one; only `count` differs.
 * `psnr` is per example: see `psnr`.
 
-Accumulate stats on the host in float64 (e.g. `jax.device_get` each batch's
-stats and `add_stats` NumPy values) when counts can exceed 2^24, the float32
-integer range.
+Stats are float32 on device. When counts can exceed 2^24 (the float32 integer
+range), accumulate on the host in float64:
+`add_stats(acc, jax.tree.map(np.float64, jax.device_get(stats)))`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _check_regression(caller: str, pred: jax.Array, label: jax.Array,
                       mask: ArrayLike) -> None:
   if pred.shape != label.shape:
     raise ValueError(f"{caller}: pred shape {pred.shape} does not match label "
-                     f"shape {label.shape}; they must be equal (no broadcasting)")
+                     f"shape {label.shape}; they must be equal (no "
+                     "broadcasting)")
   losses.validate_mask(jnp.shape(mask), pred.shape, caller)
 
 
@@ -151,7 +152,7 @@ def binary_f1(threshold: float = 0.0) -> Metric:
                        f"labels shape {labels.shape}")
     losses.validate_mask(jnp.shape(mask), labels.shape, caller)
     weights = _elementwise_weights(mask, labels.shape)  # [B, ...]
-    predicted = (logits > 0.0).astype(jnp.float32)
+    predicted = (logits > threshold).astype(jnp.float32)
     actual = (labels >= 0.5).astype(jnp.float32)
     return {"tp": _weighted_sum(predicted * actual, weights),
             "fp": _weighted_sum(predicted * (1.0 - actual), weights),

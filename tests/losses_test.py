@@ -60,7 +60,8 @@ class TestSoftmaxCrossEntropy:
     logits = np.array([[0.0, LN3], [0.0, LN3]], np.float32)
     labels = np.array([1, 0])
     # Mask [1, 0]: only -ln(3/4); count 1.
-    s, c = _value(losses.softmax_cross_entropy, logits, labels, np.array([1., 0.]))
+    s, c = _value(losses.softmax_cross_entropy, logits, labels,
+                  np.array([1., 0.]))
     np.testing.assert_allclose(s, -math.log(0.75), rtol=1e-6)
     assert c == 1.0
     # Weights [1, 0.5]: -ln(3/4) + 0.5 ln 4; count 1.5.
@@ -84,13 +85,15 @@ class TestSoftmaxCrossEntropy:
   def test_stable_for_huge_logits(self):
     # Naive softmax overflows; the shifted log-softmax gives 1000 - 0 = 1000.
     logits = np.array([[1000.0, 0.0]], np.float32)
-    s, _ = _value(losses.softmax_cross_entropy, logits, np.array([1]), np.ones(1))
+    s, _ = _value(losses.softmax_cross_entropy, logits, np.array([1]),
+                  np.ones(1))
     np.testing.assert_allclose(s, 1000.0, rtol=1e-6)
 
   def test_neg_inf_logit_of_other_class_is_finite(self):
     # Vocabulary masking: class 2 impossible; loss over {0, 1} = ln 2.
     logits = np.array([[0.0, 0.0, -np.inf]], np.float32)
-    s, _ = _value(losses.softmax_cross_entropy, logits, np.array([0]), np.ones(1))
+    s, _ = _value(losses.softmax_cross_entropy, logits, np.array([0]),
+                  np.ones(1))
     np.testing.assert_allclose(s, LN2, rtol=1e-6)
 
   def test_out_of_range_label_is_nan_only_when_labelled(self):
@@ -200,7 +203,8 @@ class TestRegression:
 def test_masked_mean():
   assert float(losses.masked_mean(3.0, 2.0)) == 1.5
   assert float(losses.masked_mean(0.0, 0.0)) == 0.0  # absent task, not NaN
-  assert float(losses.masked_mean(0.75, 0.5)) == 0.75  # divisor is max(count, 1)
+  # The divisor is max(count, 1), also for fractional counts below 1.
+  assert float(losses.masked_mean(0.75, 0.5)) == 0.75
   np.testing.assert_allclose(
       losses.masked_mean(jnp.array([2.0, 0.0]), jnp.array([4.0, 0.0])),
       [0.5, 0.0])
@@ -363,7 +367,8 @@ def test_where_guard_keeps_nonfinite_values_out_of_the_sum():
 
 DENSE_CASES = {
     # id -> (loss fn, prediction shape, label kind, mask rank)
-    "ce_tokens": (losses.get_loss("softmax_cross_entropy"), (2, 3, 4), "class", 2),
+    "ce_tokens": (losses.get_loss("softmax_cross_entropy"), (2, 3, 4), "class",
+                  2),
     "bce_labels": (losses.get_loss("sigmoid_binary_cross_entropy"), (2, 3),
                    "prob", 2),
     "mse_pixels": (losses.get_loss("mse"), (2, 2, 2, 3), "real", 3),
@@ -436,7 +441,8 @@ def test_shape_mismatch_names_both_shapes():
 
 
 def test_float_labels_to_softmax_ce():
-  with pytest.raises(ValueError, match="must be integer class indices.*one-hot"):
+  with pytest.raises(ValueError,
+                     match="must be integer class indices.*one-hot"):
     losses.softmax_cross_entropy(jnp.zeros((4, 2)), jnp.zeros((4, 2)),
                                  jnp.ones(4))
   with pytest.raises(ValueError, match="integer class indices.*float32"):

@@ -1,4 +1,4 @@
-"""Tests for mtl_jax.metrics: hand-computed values, accumulation, NaN, errors."""
+"""Tests for mtl_jax.metrics: hand-computed values, accumulation, errors."""
 
 import math
 
@@ -172,8 +172,10 @@ def test_count_zero_is_nan_and_garbage_does_not_leak(metric, pred, label):
 
 def test_finalize_accepts_numpy_and_jax_scalars():
   metric = metrics.accuracy()
-  assert metric.finalize({"correct": np.float32(3), "count": np.float64(4)}) == 0.75
-  assert metric.finalize({"correct": jnp.array(3.0), "count": jnp.array(4.0)}) == 0.75
+  assert metric.finalize({"correct": np.float32(3),
+                          "count": np.float64(4)}) == 0.75
+  assert metric.finalize({"correct": jnp.array(3.0),
+                          "count": jnp.array(4.0)}) == 0.75
   assert isinstance(metric.finalize({"correct": 1, "count": 2}), float)
 
 
@@ -189,8 +191,9 @@ _REGRESSION = (metrics.mean_absolute_error(), metrics.mean_squared_error(),
                metrics.root_mean_squared_error(), metrics.psnr(max_value=3.0))
 GROUPS = {
     "classification": ((metrics.accuracy(),), (3,)),
-    "multilabel": ((metrics.binary_f1(), metrics.binary_f1(threshold=0.5)._replace(
-        name="f1@0.5")), (2,)),
+    "multilabel": ((metrics.binary_f1(),
+                    metrics.binary_f1(threshold=0.5)._replace(name="f1@0.5")),
+                   (2,)),
     "regression": (_REGRESSION, (2, 2)),
     "regression_dense": (_REGRESSION, (2, 2)),
 }
@@ -230,8 +233,9 @@ def test_two_halves_add_up_to_the_full_batch(group, data):
   first = COMPUTE[group](pred[:h], label[:h], mask[:h])
   second = COMPUTE[group](pred[h:], label[h:], mask[h:])
   # Accumulate on the host in float64, as an eval loop would.
-  summed = metrics.add_stats(None, jax.device_get(first))
-  summed = metrics.add_stats(summed, jax.device_get(second))
+  to_host = lambda stats: jax.tree.map(np.float64, jax.device_get(stats))
+  summed = metrics.add_stats(None, to_host(first))
+  summed = metrics.add_stats(summed, to_host(second))
   full_host = jax.device_get(full)
   assert jax.tree.structure(summed) == jax.tree.structure(full_host)
   for got_leaf, want_leaf in zip(jax.tree.leaves(summed),
@@ -264,7 +268,8 @@ def test_regression_metrics_match_numpy(data):
   mse = np.sum(w * np.square(err).mean(-1)) / w.sum()
   ew = np.broadcast_to(w[..., None], err.shape)
   has = ew.reshape(B, -1).sum(-1) > 0
-  ex_mse = (ew * err**2).reshape(B, -1).sum(-1)[has] / ew.reshape(B, -1).sum(-1)[has]
+  ex_weight = ew.reshape(B, -1).sum(-1)[has]
+  ex_mse = (ew * err**2).reshape(B, -1).sum(-1)[has] / ex_weight
   psnr = np.mean(10 * np.log10(9.0 / np.maximum(ex_mse, 9e-10)))
   assert got["mae"] == pytest.approx(mae, rel=1e-5, abs=1e-6)
   assert got["mse"] == pytest.approx(mse, rel=1e-5, abs=1e-6)
@@ -280,7 +285,8 @@ def test_regression_metrics_match_numpy(data):
 def test_compute_stats_and_finalize_all():
   ms = [metrics.mean_absolute_error(), metrics.root_mean_squared_error()]
   pred = np.zeros(4, np.float32)
-  stats = metrics.compute_stats(ms, pred, np.array([1., 1., 1., 3.]), np.ones(4))
+  stats = metrics.compute_stats(ms, pred, np.array([1., 1., 1., 3.]),
+                                np.ones(4))
   assert set(stats) == {"mae", "rmse"}
   values = metrics.finalize_all(ms, stats)
   assert values == pytest.approx({"mae": 1.5, "rmse": math.sqrt(3.0)})
@@ -306,7 +312,8 @@ def test_finalize_all_missing_stats():
 def test_shape_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"mask shape \(4, 3\) is not a prefix "
                      r"of the loss shape \(4,\)"):
-    metrics.mean_absolute_error().stats(np.zeros(4), np.zeros(4), np.ones((4, 3)))
+    metrics.mean_absolute_error().stats(np.zeros(4), np.zeros(4),
+                                        np.ones((4, 3)))
   with pytest.raises(ValueError, match=r"pred shape \(4, 1\) does not match "
                      r"label shape \(4,\)"):
     metrics.root_mean_squared_error().stats(np.zeros((4, 1)), np.zeros(4),
