@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500
   config.num_steps = 3000
   config.log_every = 100
-  config.eval_every = 1000
+  config.eval_every = 500
   config.checkpoint_every = 1000
   config.max_checkpoints_to_keep = 2
   return config

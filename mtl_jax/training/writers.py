@@ -94,9 +94,13 @@ def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
   records = read_jsonl(jsonl_path)
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
-  ncols = 2 if eval_metrics else 1
-  fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
-  ax = axes[0, 0]
+  panels = 1 + len(eval_metrics)  # train losses, then one panel per metric
+  ncols = min(panels, 3)
+  nrows = -(-panels // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.5 * nrows),
+                           squeeze=False)
+  axes = axes.ravel()
+  ax = axes[0]
   for name in task_names:
     pts = [(r["step"], r[f"{name}/loss"]) for r in train
            if f"{name}/loss" in r and r.get(f"{name}/count", 1) > 0]
@@ -105,14 +109,14 @@ def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
   ax.set(xlabel="step", ylabel="train loss", yscale="log",
          title="per-task train loss")
   ax.legend()
-  if eval_metrics:
-    ax = axes[0, 1]
-    for key in eval_metrics:
-      pts = [(r["step"], r[key]) for r in evals if key in r]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=key)
-    ax.set(xlabel="step", title="test metrics")
-    ax.legend()
+  for ax, key in zip(axes[1:], eval_metrics):
+    pts = [(r["step"], r[key]) for r in evals if key in r]
+    if pts:
+      ax.plot(*zip(*pts), marker="o")
+    ax.set(xlabel="step", title=f"test {key}")
+    ax.grid(alpha=0.3)
+  for ax in axes[panels:]:
+    ax.axis("off")
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
   plt.close(fig)
