@@ -28,6 +28,7 @@ from ml_collections import config_flags
 import ml_collections
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
@@ -241,6 +242,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  tfds.disable_progress_bar()  # dataset preparation would print a bar per split
   # Orbax logs every step of every save at INFO; keep the console for progress.
   logging.get_absl_handler().addFilter(
       lambda record: "orbax" not in record.pathname)

@@ -195,3 +195,26 @@ def test_evaluation_counts_only_labelled_examples():
   assert out["reg/mae"] == pytest.approx(3.5 / 3)
   assert out["reg/rmse"] == pytest.approx(np.sqrt((9 + 0.25) / 3))
   assert out["reg/loss"] == pytest.approx((9 + 0.25) / 3)
+
+
+def test_pmap_path_equals_jit_on_one_device():
+  """The axis_name path (psum of sums and counts, then divide) gives jit's numbers.
+
+  Multi-device equivalence is tested with virtual devices in the parallelism
+  tests; here the pmap code path itself is exercised on the one CPU device.
+  """
+  model, tx = _model(), optax.sgd(0.1)
+  state = _state(model, tx)
+  batch = _batch(reg_mask=np.zeros(B))  # one task absent
+  w = weighting.static([1.0, 0.5])
+  jit_state, jit_m = jax.jit(step_lib.make_train_step(
+      model.apply, TASKS, tx, w))(state, batch)
+  pstep = jax.pmap(step_lib.make_train_step(model.apply, TASKS, tx, w,
+                                            axis_name="data"),
+                   axis_name="data")
+  add_axis = lambda t: jax.tree.map(lambda x: np.asarray(x)[None], t)
+  p_state, p_m = pstep(add_axis(state), add_axis(batch))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-6),
+               p_state.params, jit_state.params)
+  for key in jit_m:
+    np.testing.assert_allclose(p_m[key][0], jit_m[key], rtol=1e-6, err_msg=key)
