@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import ml_collections
 import numpy as np
@@ -36,8 +37,10 @@ from mtl_jax.data import multi_digits
 from mtl_jax.data import pipeline
 from mtl_jax.models import build as models_build
 from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import distributed
 from mtl_jax.training import loop
 from mtl_jax.training import optim
+from mtl_jax.training import parallel as parallel_lib
 from mtl_jax.training import run_config
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
@@ -49,11 +52,24 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.<field>=<value>.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it "
                                "holds a run of the same config).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run, detecting the cluster "
+    "(TPU pod, SLURM, JAX_COORDINATOR_ADDRESS, ...) unless the three flags "
+    "below are given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (multi-process).")
 
 # Config fields that may change when a workdir is resumed: they change how a run
 # is logged or how long it lasts, not what it computes.
+# The device layout may change too (resume an 8-GPU run on 4): every layout
+# computes the same numbers, up to float reduction order.
 MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
-              "max_checkpoints_to_keep", "data.data_dir", "eval_batch_size")
+              "max_checkpoints_to_keep", "data.data_dir", "eval_batch_size",
+              "parallelism", "sharding", "mesh.data")
 
 DATASETS = ("multi_digits",)
 
@@ -113,6 +129,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   fractions = {n: fractions[n] for n in names}
 
   data_dir = config.data.data_dir or None
+  if jax.process_count() > 1:
+    # Process 0 prepares first so that processes sharing a filesystem do not
+    # race on the same files; the others then find them (or, on a host-local
+    # disk, prepare their own copy).
+    if jax.process_index() == 0:
+      multi_digits.prepare(data_dir, config.data.builder_config)
+    multihost_utils.sync_global_devices("multi_digits prepared")
   train = multi_digits.load_or_prepare(
       "train", data_dir=data_dir, config=config.data.builder_config)
   test = multi_digits.load_or_prepare(
@@ -127,8 +150,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   unlabelled = multi_digits.unlabelled_pool(masks)
   indices = (np.setdiff1d(np.arange(num_train), unlabelled)
              if config.data.drop_unlabelled else None)
-  batcher = pipeline.ArrayBatcher(train_arrays, batch_size=config.batch_size,
-                                  seed=config.seed, indices=indices)
+  # Each process feeds its own rows of every global batch.
+  batcher = pipeline.ArrayBatcher(
+      train_arrays, batch_size=config.batch_size, seed=config.seed,
+      indices=indices, num_host_shards=jax.process_count(),
+      host_index=jax.process_index())
 
   m = config.model
   trunk_kwargs = {
@@ -166,16 +192,32 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       num_train_examples=num_train, num_unlabelled=int(len(unlabelled)))
 
 
-def make_evaluate(exp: Experiment, batch_size: int
+def make_parallel(config: ml_collections.ConfigDict
+                  ) -> parallel_lib.DataParallel:
+  """The device mesh and parallelism of the run; checks the batch sizes."""
+  par = parallel_lib.DataParallel(
+      parallel_lib.make_mesh(config.mesh.data), parallelism=config.parallelism,
+      sharding=config.sharding)
+  par.check_batch_size(config.batch_size, "config.batch_size")
+  par.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
+  return par
+
+
+def make_evaluate(exp: Experiment, par: parallel_lib.DataParallel,
+                  params_like: Any, batch_size: int
                   ) -> Callable[[Any], dict[str, float]]:
   """`params -> {"<task>/<metric>": value}` over the whole test split."""
-  eval_step = jax.jit(step_lib.make_eval_step(exp.model.apply, exp.tasks))
+  eval_step = par.compile_eval_step(
+      step_lib.make_eval_step(exp.model.apply, exp.tasks,
+                              axis_name=par.axis_name), params_like)
 
   def evaluate(params):
     total = None
-    for batch in pipeline.eval_batches(exp.test_arrays, batch_size):
-      total = step_lib.accumulate(total, eval_step(params, batch))
-    return step_lib.finalize(exp.tasks, total)
+    for batch in pipeline.eval_batches(
+        exp.test_arrays, batch_size, num_host_shards=jax.process_count(),
+        host_index=jax.process_index()):
+      total = step_lib.accumulate(total, eval_step(params, par.put_batch(batch)))
+    return step_lib.finalize(exp.tasks, par.to_host(total))
 
   return evaluate
 
@@ -183,7 +225,10 @@ def make_evaluate(exp: Experiment, batch_size: int
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the results dict."""
   exp = build_experiment(config)  # validates before anything compiles
-  run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER)
+  par = make_parallel(config)
+  is_main = jax.process_index() == 0  # only process 0 logs and writes files
+  run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER,
+                            write=is_main)
   logging.info("tasks %s; labelled training examples %s; unlabelled pool %d "
                "of %d", exp.tasks.names, exp.label_counts, exp.num_unlabelled,
                exp.num_train_examples)
@@ -191,50 +236,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rng = jax.random.PRNGKey(config.seed)
   sample = exp.train_batcher.batch_at(0)
   params = state_lib.init_params(exp.model, sample["inputs"], rng)
-  state = state_lib.create_train_state(
+  state = par.put_state(state_lib.create_train_state(
       params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1))
+      jax.random.fold_in(rng, 1)))
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    logging.info("resumed from checkpoint at step %d", int(state.step))
+    state = par.from_checkpoint(checkpointer.restore(par.for_checkpoint(state)))
+    logging.info("resumed from checkpoint at step %d", par.step_of(state))
 
-  train_step = jax.jit(
+  train_step = par.compile_train_step(
       step_lib.make_train_step(exp.model.apply, exp.tasks, exp.optimizer,
-                               exp.weighting, schedule=exp.schedule),
-      donate_argnums=0)
-  writer = writers.MetricWriter(workdir)
-  evaluate = make_evaluate(exp, config.eval_batch_size)
+                               exp.weighting, schedule=exp.schedule,
+                               axis_name=par.axis_name), state)
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  evaluate = make_evaluate(exp, par, state.params, config.eval_batch_size)
   state, final_eval = loop.train_loop(
-      state=state, train_step=train_step, batch_at=exp.train_batcher.batch_at,
+      state=state, train_step=train_step,
+      batch_at=lambda s: par.put_batch(exp.train_batcher.batch_at(s)),
       num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
       evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
-      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every)
+      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+      parallel=par)
   if final_eval is None:  # resumed a finished run: evaluate its final state
     final_eval = evaluate(state.params)
   writer.close()
   checkpointer.close()
 
   results = {
-      "steps": int(state.step),
+      "steps": par.step_of(state),
+      "num_devices": par.num_devices,
+      "num_processes": jax.process_count(),
       "eval": final_eval,
       "label_counts": exp.label_counts,
       "num_train_examples": exp.num_train_examples,
       "num_unlabelled": exp.num_unlabelled,
   }
-  with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(os.path.join(workdir, "results.json.tmp"),
-             os.path.join(workdir, "results.json"))
-  eval_keys = tuple(k for k in sorted(final_eval)
-                    if k.split("/")[1] in ("accuracy", "f1", "mae"))
-  writers.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"),
-                      exp.tasks.names, eval_keys)
-  print("test metrics:", json.dumps(
-      {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
+  if is_main:
+    _write_json(os.path.join(workdir, "results.json"), results)
+    eval_keys = tuple(k for k in sorted(final_eval)
+                      if k.split("/")[1] in ("accuracy", "f1", "mae"))
+    writers.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"),
+                        exp.tasks.names, eval_keys)
+    print("test metrics:", json.dumps(
+        {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
   return results
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)  # readers never see a half-written file
 
 
 def main(argv):
@@ -242,6 +295,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    distributed.initialize(coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value,
+                           process_id=_PROCESS_ID.value)
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
   tfds.disable_progress_bar()  # dataset preparation would print a bar per split
   # Orbax logs every step of every save at INFO; keep the console for progress.
   logging.get_absl_handler().addFilter(

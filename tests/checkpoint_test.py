@@ -92,3 +92,14 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
   state, _, _ = _setup(0)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     checkpoint_lib.Checkpointer(str(tmp_path / "empty")).restore(state)
+
+
+def test_read_returns_numpy_without_a_template(tmp_path):
+  state, step, batcher = _setup(0)
+  state = _run(state, step, batcher, 0, 2)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(2, state, wait=True)
+  raw = ckpt.read()
+  assert int(raw["step"]) == 2
+  jax.tree.map(np.testing.assert_array_equal, raw["params"],
+               jax.device_get(state.params))

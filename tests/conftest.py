@@ -1,8 +1,22 @@
-"""Shared fixtures: the small multi_digits config, prepared once per session."""
+"""Test set-up: 8 virtual CPU devices, and the small multi_digits config.
 
-import pytest
+XLA_FLAGS must be set before JAX is imported anywhere, hence at the top of the
+conftest. Single-device code still runs on device 0; the parallelism tests use
+all 8.
+"""
 
-from mtl_jax.data import multi_digits
+import os
+
+NUM_DEVICES = 8
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") +
+    f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from mtl_jax.data import multi_digits  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def tiny_config(data_dir, **overrides):
   config.model.hidden_sizes = (32,)
   config.model.head_hidden_sizes = ()
   config.batch_size = 32
-  config.eval_batch_size = 250
+  config.eval_batch_size = 256
   config.num_steps = 20
   config.log_every = 5
   config.eval_every = 10
@@ -122,7 +122,7 @@ def test_command_line_with_overrides(small_data_dir, tmp_path):
   proc = _cli([f"--workdir={workdir}", f"--config.data.data_dir={small_data_dir}",
                "--config.data.builder_config=small", "--config.model.trunk=mlp",
                "--config.model.hidden_sizes=(16,)", "--config.num_steps=6",
-               "--config.log_every=3", "--config.eval_batch_size=200",
+               "--config.log_every=3", "--config.eval_batch_size=256",
                "--config.optimizer.learning_rate=0.01",
                "--config.optimizer.schedule=constant"])
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,3 +139,107 @@ def test_command_line_rejects_unknown_config_key(tmp_path):
   proc = _cli([f"--workdir={tmp_path}", "--config.optimizer.learnig_rate=0.1"])
   assert proc.returncode != 0
   assert "learnig_rate" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# Data parallelism end to end: every layout gives the one-device results.
+
+def _final_params(workdir):
+  from mtl_jax.training import checkpoint as checkpoint_lib
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")).read()["params"]
+
+
+def _assert_same_run(results, reference, params, ref_params):
+  assert results["steps"] == reference["steps"]
+  assert results["label_counts"] == reference["label_counts"]
+  for key, value in reference["eval"].items():
+    assert results["eval"][key] == pytest.approx(value, rel=2e-5, abs=1e-6), key
+  for a, b in zip(_leaves(params), _leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+def _layout_config(data_dir, dropout_rate, **overrides):
+  return tiny_config(data_dir, **{"optimizer.learning_rate": 0.01,
+                                  "model.dropout_rate": dropout_rate},
+                     **overrides)
+
+
+@pytest.fixture(scope="module")
+def one_device_runs(small_data_dir, tmp_path_factory):
+  """One-device reference runs, with and without dropout."""
+  runs = {}
+  for dropout_rate in (0.0, 0.1):
+    workdir = str(tmp_path_factory.mktemp("one_device"))
+    results = train.run(_layout_config(small_data_dir, dropout_rate,
+                                       **{"mesh.data": 1}), workdir)
+    assert results["num_devices"] == 1
+    runs[dropout_rate] = (results, _final_params(workdir))
+  return runs
+
+
+# jit shards one global dropout key, so it matches one device even with
+# dropout; pmap draws per-device masks (same distribution, other bits), so it is
+# compared without dropout.
+@pytest.mark.parametrize("parallelism, sharding, dropout_rate", [
+    ("jit", "replicated", 0.1), ("jit", "fsdp", 0.1), ("pmap", "replicated", 0.0)])
+def test_train_on_8_devices_matches_one_device(small_data_dir, tmp_path,
+                                               one_device_runs, parallelism,
+                                               sharding, dropout_rate):
+  reference, ref_params = one_device_runs[dropout_rate]
+  workdir = str(tmp_path / "run")
+  results = train.run(_layout_config(
+      small_data_dir, dropout_rate, parallelism=parallelism,
+      sharding=sharding), workdir)
+  assert results["num_devices"] == 8
+  _assert_same_run(results, reference, _final_params(workdir), ref_params)
+
+
+def test_batch_size_must_divide_over_devices(small_data_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"config.batch_size=36 is not divisible "
+                     r"by the number of devices \(8\)"):
+    train.run(tiny_config(small_data_dir, batch_size=36), str(tmp_path))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_device(small_data_dir, tmp_path,
+                                        one_device_runs):
+  """2 local processes x 2 CPU devices (gloo collectives) = the one-device run."""
+  reference, ref_params = one_device_runs[0.1]
+  workdir = str(tmp_path / "multi")
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
+          f"--config.data.data_dir={small_data_dir}",
+          "--config.data.builder_config=small", "--config.model.trunk=mlp",
+          "--config.model.hidden_sizes=(32,)", "--config.model.head_hidden_sizes=()",
+          "--config.batch_size=32", "--config.eval_batch_size=256",
+          "--config.num_steps=20", "--config.log_every=5",
+          "--config.eval_every=10", "--config.checkpoint_every=10",
+          "--config.optimizer.schedule=constant",
+          "--config.optimizer.learning_rate=0.01",
+          "--config.model.dropout_rate=0.1",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["num_processes"] == 2 and results["num_devices"] == 4
+  _assert_same_run(results, reference, _final_params(workdir), ref_params)
+  # Only process 0 logs metrics and progress.
+  assert "steps/s" in outputs[0] and "steps/s" not in outputs[1]

@@ -56,8 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0
 
-  config.batch_size = 128
-  config.eval_batch_size = 500
+  # Data parallelism: "jit" (sharded batch, default) or "pmap"; params and
+  # optimizer state "replicated" or "fsdp" (sharded over the data axis, jit only).
+  config.parallelism = "jit"
+  config.sharding = "replicated"
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # devices on the data axis; -1 = all
+
+  config.batch_size = 128  # global, over all devices and hosts
+  config.eval_batch_size = 512
   config.num_steps = 3000
   config.log_every = 100
   config.eval_every = 500

@@ -59,6 +59,29 @@ class Checkpointer:
     return self._manager.restore(int(step),
                                  args=ocp.args.StandardRestore(abstract))
 
+  def read(self, step: int | None = None) -> Any:
+    """Reads checkpoint `step` (the latest by default) as host numpy arrays.
+
+    Needs no template and works whatever devices or processes wrote it (e.g. to
+    compare the params of two runs, or to inspect a pod run on a laptop). The
+    tree comes back as nested dicts (NamedTuples of optimizer states become
+    dicts).
+
+    Raises:
+      FileNotFoundError: there is no checkpoint to read.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    path = os.path.join(self.directory, str(int(step)), "default")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata)
+    return jax.device_get(checkpointer.restore(path, target))
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from mtl_jax.training import writers
 from mtl_jax.training.checkpoint import Checkpointer
+from mtl_jax.training.parallel import DataParallel
 from mtl_jax.training.state import TrainState
 
 
@@ -26,7 +27,11 @@ def summarize_train_metrics(history: Sequence[Mapping[str, Any]],
   A task's loss is averaged over the steps in which it had labels (a step
   without labels reports loss 0, which is no measurement); its count is summed.
   """
-  history = jax.device_get(list(history))
+  # Step outputs are replicated scalars (also across processes): read the
+  # local copy.
+  history = [{k: np.asarray(v.addressable_shards[0].data)
+              if isinstance(v, jax.Array) else np.asarray(v)
+              for k, v in h.items()} for h in history]
   keys = history[0].keys()
   out = {k: float(np.mean([h[k] for h in history])) for k in keys}
   for name in task_names:
@@ -58,7 +63,8 @@ def train_loop(*, state: TrainState,
                task_names: Sequence[str], writer: writers.MetricWriter,
                evaluate: Callable[[Any], dict[str, float]] | None = None,
                checkpointer: Checkpointer | None = None, log_every: int = 100,
-               eval_every: int = 0, checkpoint_every: int = 0
+               eval_every: int = 0, checkpoint_every: int = 0,
+               parallel: DataParallel | None = None
                ) -> tuple[TrainState, dict[str, float] | None]:
   """Runs `train_step` from `state.step` up to `num_steps`.
 
@@ -73,11 +79,13 @@ def train_loop(*, state: TrainState,
     checkpointer: saves every `checkpoint_every` steps and at the end.
     log_every, eval_every, checkpoint_every: intervals in steps (0: never,
       except that the last step is always logged, evaluated and saved).
+    parallel: how `state` is placed (pmap stacks a replica per device); None
+      for a plain single-device state.
 
   Returns:
     The final state and the last evaluation (None without `evaluate`).
   """
-  start = int(state.step)
+  start = parallel.step_of(state) if parallel else int(state.step)
   progress = writers.Progress(start, num_steps)
   history: list[dict] = []
   last_eval = None
@@ -105,7 +113,8 @@ def train_loop(*, state: TrainState,
           if not k.endswith("/count")))
     if checkpointer is not None and (
         last or (checkpoint_every and done % checkpoint_every == 0)):
-      checkpointer.save(done, state)
+      checkpointer.save(done, parallel.for_checkpoint(state) if parallel
+                        else state)
   if checkpointer is not None:
     checkpointer.wait()
   return state, last_eval

@@ -21,7 +21,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_or_write(workdir: str, config: Mapping[str, Any],
-                   may_differ: Iterable[str] = ()) -> None:
+                   may_differ: Iterable[str] = (), *, write: bool = True
+                   ) -> None:
   """Writes `config` to `<workdir>/config.json`, or checks it against the saved one.
 
   A workdir belongs to one run. Resuming it with a config that would change the
@@ -33,6 +34,8 @@ def check_or_write(workdir: str, config: Mapping[str, Any],
     workdir: the run directory (created if missing).
     config: the run's config as a plain nested dict of JSON values.
     may_differ: dotted keys that may change between the runs of one workdir.
+    write: False on all but one process of a multi-process run (they only
+      check).
 
   Raises:
     ValueError: the workdir holds a run of a different config; names the keys.
@@ -53,6 +56,8 @@ def check_or_write(workdir: str, config: Mapping[str, Any],
       raise ValueError(
           f"workdir {workdir!r} holds a run of a different config ({details}). "
           "Use a new --workdir, or delete this one to start over.")
+  if not write:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

@@ -63,6 +63,13 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
+    if axis_name:
+      # Under pmap each device draws its own dropout masks for its own rows
+      # (the same key everywhere would repeat one mask pattern per device).
+      # Under jit the key is global and sharded random bits equal unsharded
+      # ones, so jit matches one device bit for bit even with dropout; pmap
+      # matches it in distribution only.
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
     def objective(params):
       preds = apply_fn({"params": params}, batch["inputs"], train=True,
