@@ -225,18 +225,27 @@ def test_two_processes_match_one_device(small_data_dir, tmp_path,
           "--config.data.builder_config=small", "--config.model.trunk=mlp",
           "--config.model.hidden_sizes=(32,)", "--config.model.head_hidden_sizes=()",
           "--config.batch_size=32", "--config.eval_batch_size=256",
-          "--config.num_steps=20", "--config.log_every=5",
-          "--config.eval_every=10", "--config.checkpoint_every=10",
-          "--config.optimizer.schedule=constant",
+          "--config.log_every=5", "--config.eval_every=10",
+          "--config.checkpoint_every=10", "--config.optimizer.schedule=constant",
           "--config.optimizer.learning_rate=0.01",
           "--config.model.dropout_rate=0.1",
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+
+  def launch(num_steps):
+    procs = [subprocess.Popen(
+        args + [f"--process_id={i}", f"--config.num_steps={num_steps}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+      assert p.returncode == 0, out[-3000:]
+    return outputs
+
+  # Stopped after 10 steps, then resumed by both processes from their shared
+  # checkpoint: the whole thing still equals the uninterrupted one-device run.
+  launch(10)
+  outputs = launch(20)
+  assert "resumed from checkpoint at step 10" in outputs[0]
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["num_processes"] == 2 and results["num_devices"] == 4
