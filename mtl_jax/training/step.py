@@ -79,8 +79,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       counts = psum(counts)
       denom = jnp.maximum(counts, 1.0)
       losses = psum(jax.lax.stop_gradient(sums)) / denom  # global task losses
-      weights, weighting_state = weighting.update(losses, counts,
-                                                  state.weighting_state)
+      weights, weighting_state = weighting.update(
+          losses, counts, state.weighting_state, rng=key, grad_norms=None)
       weights = jax.lax.stop_gradient(weights)
       # This shard's share of the global weighted loss: gradients summed over
       # shards (psum below) give exactly the gradient of the global objective.

@@ -34,8 +34,8 @@ def static(weights: Sequence[float]) -> Weighting:
                        f"{num_tasks} tasks")
     return StaticState()
 
-  def update(losses, counts, state):
-    del losses, counts
+  def update(losses, counts, state, *, rng=None, grad_norms=None):
+    del losses, counts, rng, grad_norms
     return jnp.asarray(w), state
 
   return Weighting(init, update)

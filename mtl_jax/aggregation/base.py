@@ -1,0 +1,97 @@
+"""The aggregator interface and helpers shared by gradient-level methods.
+
+An aggregator combines per-task gradients of the shared parameters into one
+update direction, in optax's style:
+
+  state = aggregator.init(num_tasks)
+  direction, state = aggregator.update(grads, state, losses=losses,
+                                       counts=counts, rng=rng)
+
+* `grads` is a `[K, P]` matrix: row k is task k's gradient of its (already
+  loss-weighted) loss w.r.t. the shared parameters, flattened. The train step
+  flattens pytrees (`flatten_task_grads`) and unflattens the direction.
+* `losses [K]` and `counts [K]` are the per-task losses and label counts over the
+  global batch; `rng` is a PRNG key (raw uint32 [2] or typed) for stochastic
+  methods. All three are always passed; methods ignore what they do not need.
+* A task with `counts[k] == 0` is ABSENT: its row is zero, and the method must
+  return exactly what it returns for the sub-matrix of present tasks, and leave
+  every statistic of the absent task (and of pairs involving it) unchanged.
+* Every `update` is pure and jit-able (no host callbacks, no data-dependent
+  shapes): absent tasks are handled with masks, never by slicing.
+
+`Aggregator.rep_grad_ok` says whether the method is valid on gradients w.r.t.
+the shared representation (MGDA-UB style) instead of the shared parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+
+class Aggregator(NamedTuple):
+  """A gradient-level aggregation method.
+
+  Attributes:
+    init: `init(num_tasks) -> state`.
+    update: `update(grads [K, P], state, *, losses [K], counts [K], rng)
+      -> (direction [P], state)`.
+    rep_grad_ok: True if the method may be applied to representation
+      gradients (one backward pass through the trunk) instead of parameter
+      gradients.
+  """
+
+  init: Callable[[int], Any]
+  update: Callable[..., tuple[jax.Array, Any]]
+  rep_grad_ok: bool = False
+
+
+class EmptyState(NamedTuple):
+  """State of stateless aggregators."""
+
+
+def stateless(fn: Callable[..., jax.Array], *, rep_grad_ok: bool = False
+              ) -> Aggregator:
+  """Wraps `fn(grads, *, losses, counts, rng) -> direction` as an Aggregator."""
+
+  def init(num_tasks: int) -> EmptyState:
+    del num_tasks
+    return EmptyState()
+
+  def update(grads, state, *, losses=None, counts=None, rng=None):
+    return fn(grads, losses=losses, counts=counts, rng=rng), state
+
+  return Aggregator(init, update, rep_grad_ok)
+
+
+def present_mask(counts: jax.Array | None, num_tasks: int) -> jax.Array:
+  """`bool [K]`: which tasks have at least one label (all, if counts is None)."""
+  if counts is None:
+    return jnp.ones((num_tasks,), bool)
+  return jnp.asarray(counts) > 0
+
+
+def zero_absent(grads: jax.Array, present: jax.Array) -> jax.Array:
+  """Sets the rows of absent tasks to exactly zero."""
+  return jnp.where(present[:, None], grads, 0.0)
+
+
+def gram(grads: jax.Array) -> jax.Array:
+  """`G G^T` `[K, K]` at full float32 precision (no TF32/bf16 passes on GPU)."""
+  return jnp.matmul(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def flatten_task_grads(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+  """Flattens a pytree of `[K, ...]` leaves into `[K, P]`.
+
+  Returns:
+    `(matrix [K, P], unflatten)`, where `unflatten(direction [P])` rebuilds a
+    pytree shaped like one task's gradient.
+  """
+  one = jax.tree.map(lambda x: x[0], tree)
+  _, unflatten = ravel_pytree(one)
+  matrix = jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
+  return matrix, unflatten
