@@ -31,6 +31,8 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
+from experiments.configs import methods
+from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import multi_digits
@@ -83,6 +85,9 @@ class Experiment:
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   weighting: weighting_lib.Weighting
+  aggregator: aggregation_lib.Aggregator | None
+  rep_grad: bool
+  chunk_size: int | None
   train_batcher: pipeline.ArrayBatcher
   test_arrays: dict
   label_counts: dict[str, int]
@@ -178,16 +183,34 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   optimizer = optim.make_optimizer(o.name, schedule, momentum=o.momentum,
                                    weight_decay=o.weight_decay,
                                    grad_clip_norm=o.grad_clip_norm)
-  weighting_kwargs = {"static": dict(weights=tasks.static_weights),
-                      "equal": dict(num_tasks=len(tasks))}
-  if config.weighting.name not in weighting_kwargs:
-    raise ValueError(f"unknown weighting method {config.weighting.name!r}; "
-                     f"valid: {', '.join(sorted(weighting_kwargs))}")
-  weighting = weighting_lib.get_weighting(
-      config.weighting.name, **weighting_kwargs[config.weighting.name])
+  w_kwargs = methods.method_kwargs(config.weighting, weighting_lib.WEIGHTINGS,
+                                   "weighting")
+  if config.weighting.name == "static":
+    w_kwargs["weights"] = tasks.static_weights
+  elif config.weighting.name == "equal":
+    w_kwargs["num_tasks"] = len(tasks)
+  weighting = weighting_lib.get_weighting(config.weighting.name, **w_kwargs)
+  aggregator = None
+  if config.aggregation.name != "none":
+    aggregator = aggregation_lib.get_aggregator(
+        config.aggregation.name, **methods.method_kwargs(
+            config.aggregation, aggregation_lib.AGGREGATORS, "aggregation"))
+  if config.aggregation.chunk_size < 0:
+    raise ValueError("config.aggregation.chunk_size must be >= 0 (0: all tasks"
+                     f" at once), got {config.aggregation.chunk_size}")
+  if config.aggregation.rep_grad and (aggregator is None or
+                                      not aggregator.rep_grad_ok):
+    raise ValueError(
+        f"config.aggregation.rep_grad=True is not valid for aggregation "
+        f"{config.aggregation.name!r}; valid: " + ", ".join(
+            n for n in sorted(aggregation_lib.AGGREGATORS)
+            if aggregation_lib.get_aggregator(n).rep_grad_ok))
   return Experiment(
       tasks=tasks, model=model, optimizer=optimizer, schedule=schedule,
-      weighting=weighting, train_batcher=batcher, test_arrays=test_arrays,
+      weighting=weighting, aggregator=aggregator,
+      rep_grad=config.aggregation.rep_grad,
+      chunk_size=config.aggregation.chunk_size or None,
+      train_batcher=batcher, test_arrays=test_arrays,
       label_counts={n: int(masks[n].sum()) for n in names},
       num_train_examples=num_train, num_unlabelled=int(len(unlabelled)))
 
@@ -238,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   params = state_lib.init_params(exp.model, sample["inputs"], rng)
   state = par.put_state(state_lib.create_train_state(
       params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1)))
+      jax.random.fold_in(rng, 1), exp.aggregator))
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)
@@ -247,9 +270,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("resumed from checkpoint at step %d", par.step_of(state))
 
   train_step = par.compile_train_step(
-      step_lib.make_train_step(exp.model.apply, exp.tasks, exp.optimizer,
-                               exp.weighting, schedule=exp.schedule,
-                               axis_name=par.axis_name), state)
+      step_lib.make_train_step(
+          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
+          aggregator=exp.aggregator, rep_grad=exp.rep_grad,
+          chunk_size=exp.chunk_size, schedule=exp.schedule,
+          axis_name=par.axis_name), state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
   evaluate = make_evaluate(exp, par, state.params, config.eval_batch_size)
   state, final_eval = loop.train_loop(

@@ -104,8 +104,8 @@ def test_absent_task_has_zero_loss_and_gradient():
   jax.tree.map(np.testing.assert_array_equal, new_state.params["tasks"]["reg"],
                state.params["tasks"]["reg"])
   # The shared trunk still moves (the classification task is present).
-  assert not np.allclose(new_state.params["shared"]["Dense_0"]["kernel"],
-                         state.params["shared"]["Dense_0"]["kernel"])
+  assert not np.allclose(new_state.params["shared"]["features"]["kernel"],
+                         state.params["shared"]["features"]["kernel"])
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -118,7 +118,8 @@ def test_loss_decreases_on_a_fixed_batch():
   for _ in range(30):
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
-  assert losses[-1] < 0.2 * losses[0], losses
+  assert all(b < a for a, b in zip(losses[:10], losses[1:11])), losses
+  assert losses[-1] < 0.3 * losses[0], losses
 
 
 def test_step_compiles_once():
@@ -152,8 +153,8 @@ def test_dropout_key_depends_on_step_not_on_history():
   b, _ = step(state, _batch())
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   c, _ = step(state.replace(step=state.step + 1), _batch())
-  assert not np.allclose(a.params["shared"]["Dense_0"]["kernel"],
-                         c.params["shared"]["Dense_0"]["kernel"])
+  assert not np.allclose(a.params["shared"]["features"]["kernel"],
+                         c.params["shared"]["features"]["kernel"])
 
 
 def test_prediction_shape_mismatch_is_a_clear_error():

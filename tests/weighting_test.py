@@ -23,7 +23,7 @@ def test_equal_is_ones():
 
 
 def test_errors_name_the_problem():
-  with pytest.raises(ValueError, match="unknown weighting method 'nope'; valid: equal, static"):
+  with pytest.raises(ValueError, match="unknown weighting method 'nope'; valid: dwa, equal, famo, gls, gradnorm, imtl_l, rlw, static, uncertainty"):
     weighting.get_weighting("nope")
   with pytest.raises(ValueError, match="finite values >= 0"):
     weighting.static([1.0, -1.0])

@@ -13,6 +13,10 @@ Override any field on the command line, e.g.
 
 import ml_collections
 
+from experiments.configs import methods
+from mtl_jax import aggregation
+from mtl_jax import weighting
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -44,8 +48,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.1  # mlp / cnn
   config.model.head_hidden_sizes = (128,)
 
-  config.weighting = ml_collections.ConfigDict()
-  config.weighting.name = "static"  # static | equal
+  # Loss-level weighting: static (config.task_weights), equal, uncertainty,
+  # dwa, rlw, gls, imtl_l, gradnorm, famo; hyperparameters under
+  # config.weighting.<name>.
+  config.weighting = methods.method_block(
+      "static", weighting.WEIGHTINGS, skip=("weights", "num_tasks"))
+  # Gradient-level aggregation of the per-task gradients of the shared params:
+  # "none" (plain weighted sum), mean, sum, pcgrad, graddrop, gradvac, mgda,
+  # cagrad, nash_mtl, imtl_g, aligned_mtl, upgrad, dualproj, config.
+  config.aggregation = methods.method_block("none", aggregation.AGGREGATORS)
+  # Aggregate gradients w.r.t. the shared representation (MGDA-UB style; only
+  # for methods valid there), and map the per-task VJP over chunks of tasks
+  # (0: all tasks at once) to bound memory with many tasks.
+  config.aggregation.rep_grad = False
+  config.aggregation.chunk_size = 0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd | adam | adamw

@@ -1,7 +1,8 @@
 """Shared trunks (feature extractors): an MLP, a small CNN and a small ResNet.
 
 All trunks map `inputs [B, ...]` to features `[B, D]` and take `train` so that
-dropout is active only in training. Normalisation is GroupNorm/LayerNorm, never
+dropout is active only in training. Each names its last layer "features": that
+is the "last shared layer" of methods such as GradNorm. Normalisation is GroupNorm/LayerNorm, never
 BatchNorm: batch statistics would mix labelled and unlabelled examples, differ
 between one device and several, and add a mutable collection to every step.
 """
@@ -29,8 +30,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = x.reshape(x.shape[0], -1)  # [B, D_in]
-    for width in self.hidden_sizes:
-      x = nn.relu(nn.Dense(width)(x))
+    for i, width in enumerate(self.hidden_sizes):
+      last = i == len(self.hidden_sizes) - 1
+      x = nn.relu(nn.Dense(width, name="features" if last else None)(x))
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return x  # [B, hidden_sizes[-1]]
@@ -63,7 +65,7 @@ class ConvNet(nn.Module):
     for c, s in zip(self.channels, self.strides):
       x = nn.relu(nn.Conv(c, (3, 3), strides=(s, s))(x))  # [B, H', W', c]
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.feature_size)(x))
+    x = nn.relu(nn.Dense(self.feature_size, name="features")(x))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return x  # [B, feature_size]
@@ -122,4 +124,4 @@ class ResNet(nn.Module):
     x = nn.relu(nn.GroupNorm(num_groups=min(8, x.shape[-1]))(x))
     x = jnp.mean(x, axis=(1, 2)) if self.pool == "mean" else x.reshape(
         x.shape[0], -1)
-    return nn.relu(nn.Dense(self.feature_size)(x))  # [B, feature_size]
+    return nn.relu(nn.Dense(self.feature_size, name="features")(x))  # [B, F]

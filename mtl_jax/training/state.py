@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.aggregation.base import Aggregator
 from mtl_jax.weighting import Weighting
 
 
@@ -20,6 +21,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: `{"shared": ..., "tasks": {task: ...}}`.
     opt_state: the optax optimizer state.
     weighting_state: the loss-weighting method's state.
+    aggregation_state: the gradient aggregator's state (`()` without one).
     rng: base PRNG key (raw uint32 `[2]`); the step folds in `step`, so the key
       used at step s is the same whether or not the run was resumed.
   """
@@ -28,16 +30,21 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   weighting_state: Any
+  aggregation_state: Any
   rng: jax.Array
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                        weighting: Weighting, num_tasks: int,
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, aggregator: Aggregator | None = None
+                       ) -> TrainState:
   """The state at step 0."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params),
-                    weighting_state=weighting.init(num_tasks), rng=rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=optimizer.init(params),
+      weighting_state=weighting.init(num_tasks),
+      aggregation_state=aggregator.init(num_tasks) if aggregator else (),
+      rng=rng)
 
 
 def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:

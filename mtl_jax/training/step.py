@@ -8,15 +8,27 @@
    `jax.pmap` they are `psum`-ed over `axis_name` first), and the task loss is
    `sum / max(count, 1)`, never a mean of per-device means;
 3. the weighting method turns the `[K]` losses and counts into `[K]` weights
-   (gradients do not flow through them), the objective is `sum_k w_k L_k`;
-4. an optax update is applied.
+   (gradients do not flow through them);
+4. the gradient:
+   * without an aggregator, one backward pass of `sum_k w_k L_k`;
+   * with an aggregator, one batched (vmap'd) VJP over the task axis gives the
+     per-task gradients `grad(w_k L_k)` of the shared params `[K, P]` from the
+     same forward pass; the aggregator turns them into one direction; task
+     params get their own task's gradient. With `rep_grad=True` the per-task
+     gradients are taken w.r.t. the shared REPRESENTATION instead (cheap: heads
+     only), aggregated there, and sent through the trunk in one backward pass
+     (MGDA-UB style). `chunk_size` bounds the memory of the batched VJP by
+     mapping over chunks of tasks;
+5. an optax update is applied; methods that learn from the loss change (FAMO)
+   see the losses of the updated model on the same batch.
 
-A task with no label in the batch (count 0) has loss 0 and zero gradient.
+A task with no label in the batch (count 0) has loss 0 and zero gradient, and
+neither the weighting nor the aggregator lets it move any state.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +36,58 @@ import optax
 
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.aggregation.base import Aggregator, flatten_task_grads
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
 
 Batch = Mapping[str, Any]
+
+# The trunks name their last shared layer "features" (GradNorm's W).
+DEFAULT_GRAD_NORM_PATH = ("features",)
 
 
 def _batch_size(batch: Batch) -> int:
   return jax.tree.leaves(batch["inputs"])[0].shape[0]
 
 
+def batched_vjp(vjp_fn: Callable, cotangents: jax.Array,
+                chunk_size: int | None = None) -> Any:
+  """`vjp_fn` applied to each row of `cotangents [K, ...]`, stacked.
+
+  One vmap'd VJP by default; with `chunk_size`, `lax.map` over chunks of that
+  many tasks, so only `chunk_size` backward passes are live at a time.
+  """
+  if chunk_size is None or chunk_size >= cotangents.shape[0]:
+    return jax.vmap(vjp_fn)(cotangents)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  return jax.lax.map(vjp_fn, cotangents, batch_size=chunk_size)
+
+
+def _get_path(tree: Mapping[str, Any], path: Sequence[str], what: str) -> Any:
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(f"{what}: no entry {'/'.join(path)!r} in the shared "
+                       f"params (keys: {sorted(tree)})")
+    node = node[key]
+  return node
+
+
+def _row_norms(tree: Any) -> jax.Array:
+  """`[K]` L2 norms of a pytree of `[K, ...]` leaves."""
+  sq = sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+           for x in jax.tree.leaves(tree))
+  return jnp.sqrt(sq)
+
+
 def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     optimizer: optax.GradientTransformation,
                     weighting: Weighting, *,
+                    aggregator: Aggregator | None = None,
+                    rep_grad: bool = False,
+                    chunk_size: int | None = None,
+                    grad_norm_path: Sequence[str] = DEFAULT_GRAD_NORM_PATH,
                     schedule: optax.Schedule | None = None,
                     axis_name: str | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -45,10 +96,19 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   Args:
     apply_fn: a linen `model.apply`, called as
       `apply_fn({"params": p}, inputs, train=True, rngs={"dropout": key})` and
-      returning `{task: prediction}`.
+      returning `{task: prediction}`. With `rep_grad`, the model must also have
+      `encode` (inputs -> shared features) and `decode` (features -> `{task:
+      prediction}`) methods, called through `method=`.
     tasks: the tasks, in the order of the weighting's task axis.
     optimizer: the optax transformation for all params.
     weighting: the loss-level weighting method.
+    aggregator: a gradient-level method acting on the per-task gradients of
+      `params["shared"]`; None for a plain weighted sum.
+    rep_grad: aggregate gradients w.r.t. the shared representation instead of
+      the shared params (needs an aggregator with `rep_grad_ok`).
+    chunk_size: map the per-task VJP over chunks of this many tasks.
+    grad_norm_path: path of the last shared layer inside `params["shared"]`,
+      for weightings that need per-task gradient norms (GradNorm).
     schedule: the learning-rate schedule, only to report `learning_rate`.
     axis_name: the `pmap` axis to reduce over; None under `jit` (sharded or not).
 
@@ -56,45 +116,134 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     `step(state, batch) -> (new_state, metrics)`, with metrics `loss` (the
     weighted objective), `grad_norm`, and `<task>/loss`, `<task>/count`,
     `<task>/weight` for every task.
+
+  Raises:
+    ValueError: rep_grad without an aggregator, or with one that is not valid
+      on representation gradients.
   """
+  if rep_grad and aggregator is None:
+    raise ValueError("rep_grad=True needs a gradient aggregator")
+  if rep_grad and not aggregator.rep_grad_ok:
+    raise ValueError("this aggregator is not valid on representation "
+                     "gradients; use rep_grad=False")
+  needs_norms = "grad_norms" in weighting.needs
+  num_tasks = len(tasks)
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
+  def loss_sums_fn(params, inputs, batch, key):
+    preds = apply_fn({"params": params}, inputs, train=True,
+                     rngs={"dropout": key})
+    tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
+    return tasks_lib.task_loss_sums(tasks, preds, batch)  # [K], [K]
+
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(state.rng, state.step)
+    base_key = jax.random.fold_in(state.rng, state.step)
+    # Weighting and aggregation see the same key on every device (they act on
+    # psum-ed, identical values); dropout draws per-device masks under pmap.
+    weighting_key = jax.random.fold_in(base_key, 1)
+    aggregator_key = jax.random.fold_in(base_key, 2)
+    dropout_key = base_key
     if axis_name:
-      # Under pmap each device draws its own dropout masks for its own rows
-      # (the same key everywhere would repeat one mask pattern per device).
-      # Under jit the key is global and sharded random bits equal unsharded
-      # ones, so jit matches one device bit for bit even with dropout; pmap
-      # matches it in distribution only.
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+      dropout_key = jax.random.fold_in(base_key, jax.lax.axis_index(axis_name))
+    params = state.params
 
-    def objective(params):
-      preds = apply_fn({"params": params}, batch["inputs"], train=True,
-                       rngs={"dropout": key})
-      tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
-      sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)  # [K], [K]
-      counts = psum(counts)
-      denom = jnp.maximum(counts, 1.0)
-      losses = psum(jax.lax.stop_gradient(sums)) / denom  # global task losses
-      weights, weighting_state = weighting.update(
-          losses, counts, state.weighting_state, rng=key, grad_norms=None)
-      weights = jax.lax.stop_gradient(weights)
-      # This shard's share of the global weighted loss: gradients summed over
-      # shards (psum below) give exactly the gradient of the global objective.
-      local = jnp.sum(weights * sums / denom)
-      return local, (losses, counts, weights, weighting_state)
+    if rep_grad:
+      features, encode_vjp = jax.vjp(
+          lambda shared: apply_fn({"params": {**params, "shared": shared}},
+                                  batch["inputs"], train=True,
+                                  rngs={"dropout": dropout_key},
+                                  method="encode"), params["shared"])
 
-    grads, (losses, counts, weights, weighting_state) = jax.grad(
-        objective, has_aux=True)(state.params)
-    grads = psum(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
+      def head_sums(z, others):
+        preds = apply_fn({"params": {**others, "shared": params["shared"]}},
+                         z, train=True, rngs={"dropout": dropout_key},
+                         method="decode")
+        tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
+        return tasks_lib.task_loss_sums(tasks, preds, batch)
+
+      others = {k: v for k, v in params.items() if k != "shared"}
+      sums, vjp_fn, counts = jax.vjp(head_sums, features, others,
+                                     has_aux=True)
+    else:
+      sums, vjp_fn, counts = jax.vjp(
+          lambda p: loss_sums_fn(p, batch["inputs"], batch, dropout_key),
+          params, has_aux=True)
+
+    counts = psum(counts)  # [K] global label counts
+    denom = jnp.maximum(counts, 1.0)
+    losses = psum(sums) / denom  # [K] global task losses
+    # Row k of the identity scaled by 1/denom_k: the VJP of this shard's share
+    # of task k's global mean loss (psum over shards gives the global one).
+    unit_cotangents = jnp.diag(1.0 / denom)  # [K, K]
+
+    per_task = None
+    if aggregator is not None or needs_norms:
+      per_task = batched_vjp(vjp_fn, unit_cotangents, chunk_size)
+      if not rep_grad:
+        (per_task,) = per_task  # {"shared": [K, ...], "tasks": [K, ...]}
+
+    grad_norms = None
+    if needs_norms:
+      if rep_grad:
+        last = _get_path(jax.vmap(encode_vjp)(per_task[0])[0], grad_norm_path,
+                         "grad_norm_path")
+      else:
+        last = _get_path(per_task["shared"], grad_norm_path, "grad_norm_path")
+      grad_norms = _row_norms(psum(last))  # [K]; unused layers are pruned
+
+    weights, weighting_state = weighting.update(
+        losses, counts, state.weighting_state, rng=weighting_key,
+        grad_norms=grad_norms)
+    weights = jax.lax.stop_gradient(weights)  # [K]
+
+    aggregation_state = state.aggregation_state
+    if aggregator is None:
+      grads = psum(vjp_fn(weights / denom)[0])
+    elif rep_grad:
+      z_grads, head_grads = per_task  # [K, B, ...], {...: [K, ...]}
+      z_grads = z_grads * weights.reshape((-1,) + (1,) * (z_grads.ndim - 1))
+      if axis_name:  # the aggregator sees every example's representation
+        z_grads = jax.lax.all_gather(z_grads, axis_name, axis=1, tiled=True)
+      direction, aggregation_state = aggregator.update(
+          z_grads.reshape(num_tasks, -1), state.aggregation_state,
+          losses=losses, counts=counts, rng=aggregator_key)
+      direction = direction.reshape(z_grads.shape[1:])
+      if axis_name:  # back to this device's rows
+        rows = features.shape[0]
+        direction = jax.lax.dynamic_slice_in_dim(
+            direction, jax.lax.axis_index(axis_name) * rows, rows)
+      (shared_grads,) = encode_vjp(direction)
+      grads = {"shared": psum(shared_grads),
+               **psum(jax.tree.map(
+                   lambda g: jnp.tensordot(weights, g, axes=1), head_grads))}
+    else:
+      per_task = psum(per_task)  # global per-task gradients
+      shared = jax.tree.map(
+          lambda g: g * weights.reshape((-1,) + (1,) * (g.ndim - 1)),
+          per_task["shared"])
+      matrix, unflatten = flatten_task_grads(shared)  # [K, P]
+      direction, aggregation_state = aggregator.update(
+          matrix, state.aggregation_state, losses=losses, counts=counts,
+          rng=aggregator_key)
+      # Each task's own params only see that task's loss: summing the rows
+      # gives every head exactly its task's weighted gradient.
+      grads = {k: (unflatten(direction) if k == "shared" else jax.tree.map(
+          lambda g: jnp.tensordot(weights, g, axes=1), v))
+               for k, v in per_task.items()}
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if weighting.post_update is not None:
+      new_sums, _ = loss_sums_fn(new_params, batch["inputs"], batch,
+                                 dropout_key)
+      weighting_state = weighting.post_update(psum(new_sums) / denom, counts,
+                                              weighting_state)
+    new_state = state.replace(step=state.step + 1, params=new_params,
                               opt_state=opt_state,
-                              weighting_state=weighting_state)
+                              weighting_state=weighting_state,
+                              aggregation_state=aggregation_state)
     metrics = {"loss": jnp.sum(weights * losses),
                "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:

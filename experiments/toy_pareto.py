@@ -1,0 +1,224 @@
+r"""The two-objective toy problem of CAGrad (Liu et al. 2021) and Nash-MTL.
+
+Each method optimises x in R^2 from the five starting points of the CAGrad paper
+with Adam, combining the two task gradients with a gradient aggregator (or a
+loss weighting), and we count how many runs end on the Pareto set. The Pareto
+set is found numerically: the non-dominated points of a dense grid, and a run
+reaches it when its final loss vector lies within `--tolerance` of that front.
+
+  python -m experiments.toy_pareto --out=runs/toy
+  python -m experiments.toy_pareto --methods=mean,mgda,cagrad --steps=20000
+
+Writes `<out>/toy_pareto.png` (trajectories over the contours of the mean loss,
+the Pareto set in black) and `<out>/toy_pareto.json` (per method: final points,
+losses, and how many runs reached the Pareto set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_jax import aggregation
+from mtl_jax import weighting
+
+_METHODS = flags.DEFINE_list(
+    "methods", None, "Aggregators and/or weightings to run (default: every "
+    "aggregator plus the uncertainty, dwa, gls, imtl_l and famo weightings).")
+_STEPS = flags.DEFINE_integer("steps", 50_000, "Adam steps per run.")
+_LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (paper: "
+                         "1e-3).")
+_TOLERANCE = flags.DEFINE_float(
+    "tolerance", 0.05, "A run reaches the Pareto set if its final (f1, f2) is "
+    "within this distance of the numerically computed front.")
+_OUT = flags.DEFINE_string("out", "runs/toy_pareto", "Output directory.")
+
+# The starting points of the CAGrad toy experiment.
+INITS = np.array([[-8.5, 7.5], [-8.5, -5.0], [9.0, 9.0], [-7.5, -0.5],
+                  [9.0, -1.0]], np.float32)
+_LOWER = 5e-6
+DEFAULT_WEIGHTINGS = ("uncertainty", "dwa", "gls", "imtl_l", "famo")
+
+
+def toy_losses(x: jax.Array) -> jax.Array:
+  """The two objectives `[2]` at `x [2]` (the CAGrad toy, verbatim)."""
+  x1, x2 = x[0], x[1]
+  f1 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), _LOWER)) + 6
+  f2 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2),
+                           _LOWER)) + 6
+  c1 = jnp.maximum(jnp.tanh(x2 * 0.5), 0)
+  f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  c2 = jnp.maximum(jnp.tanh(-x2 * 0.5), 0)
+  return jnp.stack([f1 * c1 + f1_sq * c2, f2 * c1 + f2_sq * c2])
+
+
+def pareto_front(n: int = 1500, lim: float = 10.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The non-dominated points of an `n x n` grid over [-lim, lim]^2.
+
+  Returns:
+    `(losses [M, 2], xs [M, 2])`: the Pareto front in loss space and the Pareto
+    set in x space, sorted by f1.
+  """
+  xs = np.linspace(-lim, lim, n, dtype=np.float32)
+  grid = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
+  f = np.asarray(jax.jit(jax.vmap(toy_losses))(grid))  # [n*n, 2]
+  order = np.lexsort((f[:, 1], f[:, 0]))  # by f1, then f2
+  f, grid = f[order], grid[order]
+  # Non-dominated: strictly better f2 than every point with smaller f1.
+  keep = f[:, 1] < np.minimum.accumulate(np.concatenate([[np.inf], f[:-1, 1]]))
+  return f[keep], grid[keep]
+
+
+def distance_to_front(points: np.ndarray, front: np.ndarray) -> np.ndarray:
+  """Euclidean distance of each loss vector `[R, 2]` to the front `[M, 2]`."""
+  d = np.linalg.norm(points[:, None, :] - front[None, :, :], axis=-1)
+  return d.min(axis=1)
+
+
+def _direction_fn(name: str) -> tuple[Callable, Callable]:
+  """`(init(), update(G, losses, state, rng) -> (direction, state))`."""
+  counts = jnp.ones(2)
+  if name in aggregation.AGGREGATORS:
+    agg = aggregation.get_aggregator(name)
+
+    def update(g, losses, state, rng):
+      return agg.update(g, state, losses=losses, counts=counts, rng=rng)
+
+    return (lambda: agg.init(2)), update
+  if name in weighting.WEIGHTINGS:
+    w = (weighting.get_weighting(name, num_tasks=2) if name == "equal"
+         else weighting.get_weighting(name))
+
+    def update_w(g, losses, state, rng):
+      weights, state = w.update(losses, counts, state, rng=rng,
+                                grad_norms=jnp.linalg.norm(g, axis=1))
+      return weights @ g, state
+
+    return (lambda: w.init(2)), update_w
+  raise ValueError(f"unknown method {name!r}; valid: aggregators "
+                   f"{sorted(aggregation.AGGREGATORS)} or weightings "
+                   f"{sorted(weighting.WEIGHTINGS)}")
+
+
+def run_method(name: str, inits: np.ndarray, steps: int, learning_rate: float,
+               record_every: int = 100) -> dict[str, Any]:
+  """Optimises every starting point with `name`; returns trajectories.
+
+  Returns:
+    `{"trajectories": [R, T, 2], "final": [R, 2], "final_losses": [R, 2]}`.
+  """
+  init_state, update = _direction_fn(name)
+  weighting_post = None
+  if name in weighting.WEIGHTINGS and name != "equal":
+    weighting_post = weighting.get_weighting(name).post_update
+  tx = optax.adam(learning_rate)
+
+  def one_run(x0, key):
+    def body(carry, t):
+      x, opt_state, state = carry
+      losses, vjp = jax.vjp(toy_losses, x)
+      g = jax.vmap(vjp)(jnp.eye(2))[0]  # [2 tasks, 2 dims]
+      d, state = update(g, losses, state, jax.random.fold_in(key, t))
+      upd, opt_state = tx.update(d, opt_state, x)
+      x = optax.apply_updates(x, upd)
+      if weighting_post is not None:
+        state = weighting_post(toy_losses(x), jnp.ones(2), state)
+      return (x, opt_state, state), x
+
+    def chunk(carry, t0):
+      carry, xs = jax.lax.scan(body, carry, t0 + jnp.arange(record_every))
+      return carry, xs[-1]
+
+    carry = (x0, tx.init(x0), init_state())
+    (x, _, _), traj = jax.lax.scan(
+        chunk, carry, jnp.arange(0, steps, record_every))
+    return x, traj
+
+  keys = jax.random.split(jax.random.PRNGKey(0), len(inits))
+  final, traj = jax.jit(jax.vmap(one_run))(jnp.asarray(inits), keys)
+  traj = np.concatenate([inits[:, None], np.asarray(traj)], axis=1)
+  final = np.asarray(final)
+  return {"trajectories": traj, "final": final,
+          "final_losses": np.asarray(jax.vmap(toy_losses)(final))}
+
+
+def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
+  """Trajectories per method over the contours of the mean loss."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  xs = np.linspace(-10, 10, 300, dtype=np.float32)
+  grid = np.stack(np.meshgrid(xs, xs), -1)
+  f = np.asarray(jax.jit(jax.vmap(jax.vmap(toy_losses)))(grid)).mean(-1)
+  n = len(results)
+  ncols = min(n, 5)
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows),
+                           squeeze=False)
+  colors = plt.cm.tab10(np.arange(len(INITS)))
+  for ax, (name, r) in zip(axes.ravel(), results.items()):
+    ax.contourf(xs, xs, f, levels=20, cmap="Greys", alpha=0.6)
+    ax.plot(front_x[:, 0], front_x[:, 1], "k-", lw=2.5, alpha=0.8)
+    for i, t in enumerate(r["trajectories"]):
+      ax.plot(t[:, 0], t[:, 1], color=colors[i], lw=1.2)
+      ax.plot(*t[0], "o", color=colors[i], ms=4)
+      ax.plot(*t[-1], "*", color=colors[i], ms=8, mec="k", mew=0.5)
+    ax.set_title(f"{name}: {r['reached']}/{len(INITS)} on Pareto set",
+                 fontsize=9)
+    ax.set(xlim=(-10, 10), ylim=(-10, 10), xticks=[], yticks=[])
+  for ax in axes.ravel()[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  methods = _METHODS.value or (sorted(aggregation.AGGREGATORS) +
+                               list(DEFAULT_WEIGHTINGS))
+  for name in methods:  # fail before any work on a typo
+    _direction_fn(name)
+  os.makedirs(_OUT.value, exist_ok=True)
+  front, front_x = pareto_front()
+  results, summary = {}, {}
+  start = time.perf_counter()
+  for i, name in enumerate(methods):
+    t0 = time.perf_counter()
+    r = run_method(name, INITS, _STEPS.value, _LR.value)
+    dist = distance_to_front(r["final_losses"], front)
+    r["reached"] = int(np.sum(dist < _TOLERANCE.value))
+    results[name] = r
+    summary[name] = {"reached": r["reached"], "runs": len(INITS),
+                     "final_x": r["final"].round(3).tolist(),
+                     "final_losses": r["final_losses"].round(4).tolist(),
+                     "distance_to_front": dist.round(4).tolist()}
+    elapsed = time.perf_counter() - start
+    logging.info("[%d/%d] %-12s %d/%d runs on the Pareto set (%.1fs, ETA %.0fs)",
+                 i + 1, len(methods), name, r["reached"], len(INITS),
+                 time.perf_counter() - t0,
+                 elapsed / (i + 1) * (len(methods) - i - 1))
+  with open(os.path.join(_OUT.value, "toy_pareto.json"), "w") as f:
+    json.dump({"steps": _STEPS.value, "learning_rate": _LR.value,
+               "tolerance": _TOLERANCE.value, "methods": summary}, f, indent=1)
+  plot(results, front_x, os.path.join(_OUT.value, "toy_pareto.png"))
+  print("method        on Pareto set")
+  for name, s in summary.items():
+    print(f"{name:<13} {s['reached']}/{s['runs']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,102 @@
+"""Tests of GradDrop with hand-computed draws."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Names, not modules: the package re-exports `graddrop` the function, which
+# shadows the submodule attribute.
+from mtl_jax.aggregation.graddrop import graddrop
+from mtl_jax.aggregation.graddrop import sign_dropout
+
+SIGN_DROPOUT = jax.jit(sign_dropout)
+AGG = graddrop()
+UPDATE = jax.jit(AGG.update)
+
+# Columns: both positive; mixed with more negative mass (P = 1/3); mixed with
+# more positive mass (P = 3/4); all zero.
+G = np.array([[1.0, -2.0, 3.0, 0.0],
+              [2.0, 1.0, -1.0, 0.0]], np.float32)
+ALL = np.ones(2, bool)
+
+
+def _drop(grads, uniforms, leak=0.0, present=ALL):
+  return np.asarray(SIGN_DROPOUT(jnp.asarray(grads), jnp.asarray(present),
+                                 jnp.asarray(uniforms, jnp.float32),
+                                 jnp.asarray(leak, jnp.float32)))
+
+
+def _run(agg_update, grads, counts, key):
+  k = grads.shape[0]
+  direction, _ = agg_update(jnp.asarray(grads, jnp.float32), AGG.init(k),
+                            losses=jnp.ones(k, jnp.float32),
+                            counts=jnp.asarray(counts, jnp.float32), rng=key)
+  return np.asarray(direction)
+
+
+def test_draws_by_hand():
+  # U below P keeps the positive parts, above P the negative ones; agreeing
+  # columns are kept whatever U, a zero column stays 0.
+  np.testing.assert_allclose(_drop(G, [0.99, 0.2, 0.5, 0.3]), [3, 1, 3, 0])
+  np.testing.assert_allclose(_drop(G, [0.0, 0.9, 0.8, 0.3]), [3, -2, -1, 0])
+
+
+def test_leak():
+  u = [0.5, 0.2, 0.5, 0.3]
+  # leak 0.5: a dropped value still passes half of itself.
+  np.testing.assert_allclose(_drop(G, u, 0.5), [3.0, 1.0 - 1.0, 3.0 - 0.5, 0])
+  # leak 1: the plain sum; per-task leaks: task 0 bypasses, task 1 does not.
+  np.testing.assert_allclose(_drop(G, u, 1.0), G.sum(0))
+  np.testing.assert_allclose(_drop(G, u, [1.0, 0.0]), [3.0, -2.0 + 1.0, 3.0, 0])
+  np.testing.assert_allclose(_drop(G, u, [0.0, 1.0]), [3.0, 1.0, 3.0 - 1.0, 0])
+
+
+def test_update_uses_one_uniform_per_coordinate_from_rng():
+  key = jax.random.key(7)
+  uniforms = jax.random.uniform(key, (G.shape[1],), jnp.float32)
+  np.testing.assert_allclose(_run(UPDATE, G, [1.0, 1.0], key),
+                             _drop(G, uniforms))
+  # Over many keys the mixed columns take both outcomes, the others do not.
+  outcomes = {tuple(_run(UPDATE, G, [1.0, 1.0], jax.random.key(s)))
+              for s in range(40)}
+  assert {o[1] for o in outcomes} == {1.0, -2.0}
+  assert {o[2] for o in outcomes} == {3.0, -1.0}
+  assert {o[0] for o in outcomes} == {3.0} and {o[3] for o in outcomes} == {0.0}
+
+
+def test_absent_task_equals_submatrix():
+  grads = np.concatenate([G, np.zeros((1, 4), np.float32)])[[0, 2, 1]]
+  for seed in range(5):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(_run(UPDATE, grads, [1.0, 0.0, 4.0], key),
+                                  _run(UPDATE, G, [1.0, 4.0], key))
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e-8, 1e8])
+def test_positive_scale_equivariant(scale):
+  # (A negative scale maps P to 1 - P: equivariant only in distribution.)
+  grads = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+  key = jax.random.key(1)
+  np.testing.assert_allclose(_run(UPDATE, scale * grads, [1.0, 1.0], key),
+                             scale * _run(UPDATE, grads, [1.0, 1.0], key),
+                             rtol=1e-5)
+
+
+def test_zero_and_single_task():
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(
+      _run(UPDATE, np.zeros((2, 4)), [1.0, 1.0], key), 0)
+  # One task: its purity is 1 or 0 where nonzero, so everything is kept.
+  g = np.array([[1.0, -2.0, 0.5, 0.0]], np.float32)
+  np.testing.assert_allclose(_run(UPDATE, g, [1.0], key), g[0])
+
+
+def test_errors_and_flags():
+  with pytest.raises(ValueError, match="leak must be in"):
+    graddrop(leak=1.5)
+  with pytest.raises(ValueError, match="2 leaks for 3 tasks"):
+    graddrop(leak=[0.1, 0.2]).init(3)
+  with pytest.raises(ValueError, match="rng"):
+    AGG.update(jnp.ones((2, 3)), AGG.init(2), counts=jnp.ones(2))
+  assert AGG.rep_grad_ok
