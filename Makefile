@@ -24,7 +24,7 @@ run: $(STAMP)
 	  --workdir=$(WORKDIR) --config.data.data_dir=$(DATA_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -186,21 +186,24 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  methods = _METHODS.value or (sorted(aggregation.AGGREGATORS) +
-                               list(DEFAULT_WEIGHTINGS))
+def run(methods: list[str], steps: int, learning_rate: float,
+        tolerance: float, out: str) -> dict[str, dict]:
+  """Runs every method from every start; writes the JSON summary and the PNG.
+
+  Returns:
+    The per-method summary written to `<out>/toy_pareto.json`.
+  """
   for name in methods:  # fail before any work on a typo
     _direction_fn(name)
-  os.makedirs(_OUT.value, exist_ok=True)
+  os.makedirs(out, exist_ok=True)
   front, front_x = pareto_front()
   results, summary = {}, {}
   start = time.perf_counter()
   for i, name in enumerate(methods):
     t0 = time.perf_counter()
-    r = run_method(name, INITS, _STEPS.value, _LR.value)
+    r = run_method(name, INITS, steps, learning_rate)
     dist = distance_to_front(r["final_losses"], front)
-    r["reached"] = int(np.sum(dist < _TOLERANCE.value))
+    r["reached"] = int(np.sum(dist < tolerance))
     results[name] = r
     summary[name] = {"reached": r["reached"], "runs": len(INITS),
                      "final_x": r["final"].round(3).tolist(),
@@ -211,10 +214,18 @@ def main(argv):
                  i + 1, len(methods), name, r["reached"], len(INITS),
                  time.perf_counter() - t0,
                  elapsed / (i + 1) * (len(methods) - i - 1))
-  with open(os.path.join(_OUT.value, "toy_pareto.json"), "w") as f:
-    json.dump({"steps": _STEPS.value, "learning_rate": _LR.value,
-               "tolerance": _TOLERANCE.value, "methods": summary}, f, indent=1)
-  plot(results, front_x, os.path.join(_OUT.value, "toy_pareto.png"))
+  with open(os.path.join(out, "toy_pareto.json"), "w") as f:
+    json.dump({"steps": steps, "learning_rate": learning_rate,
+               "tolerance": tolerance, "methods": summary}, f, indent=1)
+  plot(results, front_x, os.path.join(out, "toy_pareto.png"))
+  return summary
+
+
+def main(argv):
+  del argv
+  methods = _METHODS.value or (sorted(aggregation.AGGREGATORS) +
+                               list(DEFAULT_WEIGHTINGS))
+  summary = run(methods, _STEPS.value, _LR.value, _TOLERANCE.value, _OUT.value)
   print("method        on Pareto set")
   for name, s in summary.items():
     print(f"{name:<13} {s['reached']}/{s['runs']}")

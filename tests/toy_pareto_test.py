@@ -1,0 +1,44 @@
+"""Tests of the two-objective toy problem of experiments/toy_pareto.py."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import toy_pareto
+
+
+def test_toy_losses_match_hand_computation():
+  # At x = (0, -8): tanh(x2/2) < 0, so only the quadratic parts count, scaled
+  # by c2 = tanh(4): f1 = tanh(4) * ((0 + 7)^2 / 10 - 20), same for f2.
+  f = toy_pareto.toy_losses(jnp.array([0.0, -8.0]))
+  np.testing.assert_allclose(f, [np.tanh(4.0) * (4.9 - 20)] * 2, rtol=1e-6)
+  # At x = (-7, 8): c2 = 0, f1 = log|0.5*0 - tanh(-8)| + 6 = log(tanh 8) + 6.
+  f = toy_pareto.toy_losses(jnp.array([-7.0, 8.0]))
+  c1 = np.tanh(4.0)
+  np.testing.assert_allclose(f[0], c1 * (np.log(np.tanh(8.0)) + 6), rtol=1e-5)
+
+
+def test_pareto_front_is_non_dominated_and_spans_the_segment():
+  front, xs = toy_pareto.pareto_front(n=400)
+  # Sorted by f1 with f2 strictly decreasing: no point dominates another.
+  assert np.all(np.diff(front[:, 0]) >= 0) and np.all(np.diff(front[:, 1]) < 0)
+  # The Pareto set is the bottom segment between the two quadratic minima.
+  assert xs[:, 0].min() < -6.5 and xs[:, 0].max() > 6.5
+  assert np.all(xs[:, 1] < -7)
+
+
+def test_mgda_reaches_the_front_and_main_writes_outputs(tmp_path):
+  front, _ = toy_pareto.pareto_front(n=400)
+  r = toy_pareto.run_method("mgda", toy_pareto.INITS[1:2], steps=3000,
+                            learning_rate=0.01)
+  assert toy_pareto.distance_to_front(r["final_losses"], front)[0] < 0.1
+  assert r["trajectories"].shape == (1, 31, 2)  # start + one point per 100
+  toy_pareto.run(["mean", "famo"], steps=200, learning_rate=1e-3,
+                 tolerance=0.05, out=str(tmp_path))
+  with open(tmp_path / "toy_pareto.json") as f:
+    summary = json.load(f)
+  assert set(summary["methods"]) == {"mean", "famo"}
+  assert summary["methods"]["mean"]["runs"] == 5
+  assert os.path.getsize(tmp_path / "toy_pareto.png") > 10_000
