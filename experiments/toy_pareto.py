@@ -35,7 +35,8 @@ from mtl_jax import weighting
 _METHODS = flags.DEFINE_list(
     "methods", None, "Aggregators and/or weightings to run (default: every "
     "aggregator plus the uncertainty, dwa, gls, imtl_l and famo weightings).")
-_STEPS = flags.DEFINE_integer("steps", 50_000, "Adam steps per run.")
+_STEPS = flags.DEFINE_integer("steps", 100_000, "Adam steps per run (paper: "
+                             "100k).")
 _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (paper: "
                          "1e-3).")
 _TOLERANCE = flags.DEFINE_float(
