@@ -255,3 +255,25 @@ def test_two_processes_match_one_device(small_data_dir, tmp_path,
   _assert_same_run(results, reference, _final_params(workdir), ref_params)
   # Only process 0 logs metrics and progress.
   assert "steps/s" in outputs[0] and "steps/s" not in outputs[1]
+
+
+def test_methods_and_their_hyperparameters_come_from_the_config(
+    small_data_dir, tmp_path):
+  config = tiny_config(small_data_dir, num_steps=4, log_every=1, **{
+      "weighting.name": "uncertainty",
+      "weighting.uncertainty.learning_rate": 0.05,
+      "aggregation.name": "mgda", "aggregation.mgda.normalization": "l2",
+      "aggregation.rep_grad": True, "aggregation.chunk_size": 2})
+  results = train.run(config, str(tmp_path))
+  assert results["steps"] == 4
+  assert all(np.isfinite(v) for v in results["eval"].values())
+  exp = train.build_experiment(config)
+  assert exp.rep_grad and exp.chunk_size == 2 and exp.aggregator.rep_grad_ok
+  # The uncertainty weights 0.5 exp(-s) move with the configured learning
+  # rate: s starts at 0 and, while the loss L > 1, Adam raises it by ~0.05 per
+  # step towards log L (d/ds = 0.5 - 0.5 exp(-s) L < 0).
+  records = _read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  weights = [r["left/weight"] for r in records if r["split"] == "train"]
+  assert weights[0] == pytest.approx(0.5, rel=1e-6)
+  np.testing.assert_allclose(weights, 0.5 * np.exp(-0.05 * np.arange(4)),
+                             rtol=0.02)
