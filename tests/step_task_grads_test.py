@@ -3,6 +3,7 @@ representation gradients, chunking, grad norms, post-update losses)."""
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +189,56 @@ def test_pmap_and_sharded_jit_match_one_device_with_an_aggregator(rep_grad):
     st, m = par.compile_train_step(make(par.axis_name), st)(st, par.put_batch(batch))
     _close(par.unreplicate(st).params, jax.device_get(ref.params), rtol=1e-4)
     np.testing.assert_allclose(par.to_host(m)["loss"], ref_m["loss"], rtol=1e-5)
+
+
+class _Penalised(nn.Module):
+  """A hard-sharing model that sows an L2 penalty on its shared kernel."""
+
+  strength: float = 0.3
+
+  def setup(self):
+    self.inner = _model()
+
+  def __call__(self, x, *, train=False, task_presence=None):
+    out = self.inner(x, train=train)
+    kernel = self.inner.variables["params"]["shared"]["features"]["kernel"]
+    self.sow("aux_losses", "penalty", self.strength * jnp.sum(kernel ** 2))
+    if task_presence is not None:
+      self.sow("aux_losses", "presence", jnp.mean(task_presence) * 0.0)
+    return out
+
+
+@pytest.mark.parametrize("aggregator", [None, SUM])
+def test_auxiliary_losses_are_added_to_the_objective(aggregator):
+  model, tx = _Penalised(), optax.sgd(0.1)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))["params"]
+  # Flax nests the inner model's params under "inner": lift them so the split
+  # is {"shared", "tasks"} as the step expects.
+  params = params["inner"]
+  apply = lambda v, x, **kw: model.apply({"params": {"inner": v["params"]}}, x, **kw)
+  state = state_lib.create_train_state(params, tx, W, 3, jax.random.PRNGKey(3),
+                                       aggregator)
+  step = jax.jit(step_lib.make_train_step(apply, TASKS, tx, W,
+                                          aggregator=aggregator,
+                                          pass_task_presence=True))
+  batch = _batch()
+  new, m = step(state, batch)
+  plain_step = jax.jit(step_lib.make_train_step(_model().apply, TASKS, tx, W,
+                                                aggregator=aggregator))
+  plain, m_plain = plain_step(state, batch)
+  kernel = state.params["shared"]["features"]["kernel"]
+  penalty = 0.3 * float(jnp.sum(kernel ** 2))
+  np.testing.assert_allclose(m["aux/penalty"], penalty, rtol=1e-6)
+  np.testing.assert_allclose(m["loss"], m_plain["loss"] + penalty, rtol=1e-5)
+  # The penalty's gradient 2 * 0.3 * kernel is added to the plain update.
+  expected = plain.params["shared"]["features"]["kernel"] - 0.1 * 0.6 * kernel
+  np.testing.assert_allclose(new.params["shared"]["features"]["kernel"],
+                             expected, rtol=1e-5, atol=1e-7)
+  _close(new.params["tasks"], plain.params["tasks"])
+
+
+def test_task_presence_marks_labelled_tasks():
+  batch = _batch()
+  presence = step_lib.task_presence(TASKS, batch)
+  expected = np.stack([batch["masks"][n] > 0 for n in TASKS.names], 1)
+  np.testing.assert_array_equal(presence, expected.astype(np.float32))

@@ -44,6 +44,28 @@ Batch = Mapping[str, Any]
 
 # The trunks name their last shared layer "features" (GradNorm's W).
 DEFAULT_GRAD_NORM_PATH = ("features",)
+# Models report auxiliary losses (penalties, adversarial losses) by sowing
+# scalars into this collection; the train step adds them to the objective.
+AUX_LOSSES = "aux_losses"
+
+
+def _flatten_aux(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """`{"path/name": scalar}` from a sown collection (sow keeps tuples)."""
+  out = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(collection):
+    keys = [getattr(k, "key", None) for k in path]
+    name = "/".join(str(k) for k in keys if isinstance(k, str))
+    out[name] = out.get(name, 0.0) + jnp.asarray(value, jnp.float32)
+  return out
+
+
+def task_presence(tasks: tasks_lib.TaskSet, batch: Batch) -> jax.Array:
+  """`[B, K]`: 1.0 where the example has any label for the task."""
+  cols = []
+  for t in tasks:
+    m = jnp.asarray(batch["masks"][t.name])
+    cols.append((m.reshape(m.shape[0], -1) > 0).any(axis=1))
+  return jnp.stack(cols, axis=1).astype(jnp.float32)
 
 
 def _batch_size(batch: Batch) -> int:
@@ -88,6 +110,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     rep_grad: bool = False,
                     chunk_size: int | None = None,
                     grad_norm_path: Sequence[str] = DEFAULT_GRAD_NORM_PATH,
+                    pass_task_presence: bool = False,
                     schedule: optax.Schedule | None = None,
                     axis_name: str | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -109,12 +132,16 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     chunk_size: map the per-task VJP over chunks of this many tasks.
     grad_norm_path: path of the last shared layer inside `params["shared"]`,
       for weightings that need per-task gradient norms (GradNorm).
+    pass_task_presence: call the model with `task_presence=[B, K]` (1 where
+      the example is labelled for the task), for models that use it (the
+      adversarial task discriminator).
     schedule: the learning-rate schedule, only to report `learning_rate`.
     axis_name: the `pmap` axis to reduce over; None under `jit` (sharded or not).
 
   Returns:
     `step(state, batch) -> (new_state, metrics)`, with metrics `loss` (the
-    weighted objective), `grad_norm`, and `<task>/loss`, `<task>/count`,
+    weighted objective plus auxiliary losses), `grad_norm`, `aux/<name>` for
+    every auxiliary loss the model sows, and `<task>/loss`, `<task>/count`,
     `<task>/weight` for every task.
 
   Raises:
@@ -132,11 +159,24 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
+  def pmean(x):
+    return jax.lax.pmean(x, axis_name) if axis_name else x
+
+  def model_kwargs(batch):
+    if not pass_task_presence:
+      return {}
+    return {"task_presence": task_presence(tasks, batch)}  # [B, K]
+
   def loss_sums_fn(params, inputs, batch, key):
-    preds = apply_fn({"params": params}, inputs, train=True,
-                     rngs={"dropout": key})
+    """`((loss_sums [K], aux_total), (counts [K], aux_losses))`."""
+    preds, collections = apply_fn(
+        {"params": params}, inputs, train=True, rngs={"dropout": key},
+        mutable=[AUX_LOSSES], **model_kwargs(batch))
     tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
-    return tasks_lib.task_loss_sums(tasks, preds, batch)  # [K], [K]
+    sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)
+    aux = _flatten_aux(collections.get(AUX_LOSSES, {}))
+    aux_total = sum(aux.values(), jnp.zeros((), jnp.float32))
+    return (sums, aux_total), (counts, aux)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     base_key = jax.random.fold_in(state.rng, state.step)
@@ -157,19 +197,28 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                                   method="encode"), params["shared"])
 
       def head_sums(z, others):
-        preds = apply_fn({"params": {**others, "shared": params["shared"]}},
-                         z, train=True, rngs={"dropout": dropout_key},
-                         method="decode")
+        preds, collections = apply_fn(
+            {"params": {**others, "shared": params["shared"]}}, z,
+            train=True, rngs={"dropout": dropout_key}, method="decode",
+            mutable=[AUX_LOSSES])
+        if jax.tree.leaves(collections):
+          raise ValueError("rep_grad does not support models with auxiliary "
+                           "losses; use rep_grad=False")
         tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
-        return tasks_lib.task_loss_sums(tasks, preds, batch)
+        sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)
+        return (sums, jnp.zeros((), jnp.float32)), (counts, {})
 
       others = {k: v for k, v in params.items() if k != "shared"}
-      sums, vjp_fn, counts = jax.vjp(head_sums, features, others,
-                                     has_aux=True)
+      (sums, aux_total), vjp_fn, (counts, aux) = jax.vjp(
+          head_sums, features, others, has_aux=True)
     else:
-      sums, vjp_fn, counts = jax.vjp(
+      (sums, aux_total), vjp_fn, (counts, aux) = jax.vjp(
           lambda p: loss_sums_fn(p, batch["inputs"], batch, dropout_key),
           params, has_aux=True)
+    # Auxiliary losses (penalties, discriminators) are means over each
+    # device's rows: their global value is the mean over devices.
+    aux_scale = 1.0 / jax.lax.psum(1, axis_name) if axis_name else 1.0
+    zeros_k = jnp.zeros((num_tasks,), jnp.float32)
 
     counts = psum(counts)  # [K] global label counts
     denom = jnp.maximum(counts, 1.0)
@@ -180,7 +229,9 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
     per_task = None
     if aggregator is not None or needs_norms:
-      per_task = batched_vjp(vjp_fn, unit_cotangents, chunk_size)
+      per_task = batched_vjp(
+          lambda c: vjp_fn((c, jnp.zeros((), jnp.float32))), unit_cotangents,
+          chunk_size)
       if not rep_grad:
         (per_task,) = per_task  # {"shared": [K, ...], "tasks": [K, ...]}
 
@@ -200,7 +251,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
     aggregation_state = state.aggregation_state
     if aggregator is None:
-      grads = psum(vjp_fn(weights / denom)[0])
+      grads = psum(vjp_fn((weights / denom, jnp.asarray(aux_scale)))[0])
     elif rep_grad:
       z_grads, head_grads = per_task  # [K, B, ...], {...: [K, ...]}
       z_grads = z_grads * weights.reshape((-1,) + (1,) * (z_grads.ndim - 1))
@@ -232,20 +283,25 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       grads = {k: (unflatten(direction) if k == "shared" else jax.tree.map(
           lambda g: jnp.tensordot(weights, g, axes=1), v))
                for k, v in per_task.items()}
+      if aux:  # auxiliary losses are added to the aggregated direction
+        aux_grads = psum(vjp_fn((zeros_k, jnp.asarray(aux_scale)))[0])
+        grads = jax.tree.map(jnp.add, grads, aux_grads)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     if weighting.post_update is not None:
-      new_sums, _ = loss_sums_fn(new_params, batch["inputs"], batch,
-                                 dropout_key)
+      (new_sums, _), _ = loss_sums_fn(new_params, batch["inputs"], batch,
+                                      dropout_key)
       weighting_state = weighting.post_update(psum(new_sums) / denom, counts,
                                               weighting_state)
     new_state = state.replace(step=state.step + 1, params=new_params,
                               opt_state=opt_state,
                               weighting_state=weighting_state,
                               aggregation_state=aggregation_state)
-    metrics = {"loss": jnp.sum(weights * losses),
+    metrics = {"loss": jnp.sum(weights * losses) + pmean(aux_total),
                "grad_norm": optax.tree.norm(grads)}
+    for name, value in aux.items():
+      metrics[f"aux/{name}"] = pmean(value)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     for k, name in enumerate(tasks.names):

@@ -1,0 +1,273 @@
+"""Adversarial shared-private multi-task model (Liu, Qiu, Huang 2017).
+
+"Adversarial Multi-task Learning for Text Classification", adapted to any
+inputs: a shared encoder S and one private encoder P_k per task; task k's head
+reads `concat(S(x), P_k(x))`. A task discriminator D reads the shared features
+through a gradient reversal layer and is trained to tell which tasks an example
+is labelled for; the reversal makes the shared encoder maximise D's loss at the
+same time, so the shared features carry no task-identifying information (the
+paper's min-max adversarial loss, trained in one pass as in Ganin & Lempitsky
+2015). An optional "difference" loss `sum_k ||S^T P_k||_F^2` pushes the shared
+and private feature spaces apart (orthogonal).
+
+Params: `{"shared": {"encoder": <S>, "discriminator": <D>},
+          "tasks": {task: {"encoder": <P_k>, "head": <Head>}}}`.
+
+Auxiliary losses, sowed into the "aux_losses" collection when it is mutable
+(apply with `mutable=["aux_losses"]` and add the sum of its leaves to the
+objective):
+  "adversarial": `adversarial_weight * mean BCE(D(GRL(S(x))), task_presence)`,
+    the mean of sigmoid binary cross-entropy over the `[B, K]` entries; only
+    when `task_presence` is given and `adversarial_weight > 0`.
+  "difference": `difference_weight * sum_k ||S^T P_k||_F^2` with `S [B, D_s]`,
+    `P_k [B, D_p]` the batch's features; only when `difference_weight > 0`.
+The discriminator's logits are also sowed as `intermediates/
+"discriminator_logits"` `[B, K]` (kept only when "intermediates" is mutable).
+
+Differences from the paper: batches here carry per-task masks rather than one
+task id per example (an example may be labelled for several tasks or for none),
+so the discriminator is multi-label: K sigmoid logits trained against
+`task_presence [B, K]` instead of a K-way softmax over the source task. The
+difference loss is taken over the whole batch (private features exist for
+every example), unnormalised as in the paper, so it grows with B^2: its
+weight depends on the batch size. Encoders are any trunks, not LSTMs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_jax.models import heads as heads_lib
+
+ADVERSARIAL_LOSS_NAME = "adversarial"
+DIFFERENCE_LOSS_NAME = "difference"
+
+
+def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
+                 ) -> None:
+  """Raises ValueError if there are no tasks or a task name is unusable."""
+  if not tasks_output_shapes:
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
+                     "one {task_name: output_shape} entry")
+  for name in tasks_output_shapes:
+    if not isinstance(name, str) or not name or "/" in name:
+      raise ValueError(f"{model}: invalid task name {name!r}; names are "
+                       "non-empty strings without '/'")
+
+
+@jax.custom_vjp
+def _reverse(x: jax.Array, scale: jax.Array) -> jax.Array:
+  return x
+
+
+def _reverse_fwd(x, scale):
+  return x, scale
+
+
+def _reverse_bwd(scale, g):
+  # No gradient for `scale`: it is a hyperparameter, not something to learn.
+  return -scale * g, jnp.zeros_like(scale)
+
+
+_reverse.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+def gradient_reversal(x: jax.Array, scale: float | jax.Array = 1.0
+                      ) -> jax.Array:
+  """Identity forward; multiplies the cotangent by `-scale` backward.
+
+  Ganin & Lempitsky (2015)'s gradient reversal layer: what follows it is
+  trained to minimise a loss while what precedes it is trained to maximise it
+  (scaled by `scale`).
+
+  Args:
+    x: any array.
+    scale: the reversal strength (>= 0 for an adversary; 0 blocks the
+      gradient).
+
+  Returns:
+    `x` unchanged.
+  """
+  return _reverse(x, jnp.asarray(scale, dtype=x.dtype))
+
+
+def task_presence_from_masks(masks: Mapping[str, jax.Array],
+                             task_names: Sequence[str]) -> jax.Array:
+  """Which tasks each example is labelled for, from a batch's masks.
+
+  Args:
+    masks: `{task: [B] or [B, ...]}` as in the batch contract (dense masks
+      count an example as labelled if any element is).
+    task_names: the model's task order.
+
+  Returns:
+    `[B, K]` float32, 1.0 where example b has a label for task k.
+
+  Raises:
+    KeyError: if a task of `task_names` has no mask (names the valid ones).
+  """
+  missing = [n for n in task_names if n not in masks]
+  if missing:
+    raise KeyError(f"no mask for task(s) {missing}; masks have "
+                   f"{', '.join(sorted(masks))}")
+  cols = []
+  for name in task_names:
+    m = jnp.asarray(masks[name])
+    cols.append((m.reshape(m.shape[0], -1) > 0).any(axis=1))  # [B]
+  return jnp.stack(cols, axis=1).astype(jnp.float32)  # [B, K]
+
+
+def discriminator_loss(logits: jax.Array, task_presence: jax.Array
+                       ) -> jax.Array:
+  """Mean sigmoid binary cross-entropy over the `[B, K]` entries (unweighted)."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(
+      logits, task_presence.astype(logits.dtype)))
+
+
+def difference_loss(shared_features: jax.Array,
+                    private_features: Sequence[jax.Array]) -> jax.Array:
+  """`sum_k ||S^T P_k||_F^2` for `S [B, D_s]` and each `P_k [B, D_p]`."""
+  total = jnp.zeros((), jnp.float32)
+  for p in private_features:
+    total += jnp.sum(jnp.square(shared_features.T @ p))  # [D_s, D_p]
+  return total
+
+
+class _SharedParts(nn.Module):
+  """The shared encoder and the task discriminator."""
+
+  encoder_template: nn.Module
+  num_tasks: int
+  discriminator_hidden_sizes: Sequence[int]
+
+  def setup(self):
+    self.encoder = self.encoder_template.clone()
+    self.discriminator = heads_lib.Head(
+        output_shape=(self.num_tasks,),
+        hidden_sizes=tuple(self.discriminator_hidden_sizes))
+
+
+class _TaskParts(nn.Module):
+  """One task's private encoder and head."""
+
+  encoder_template: nn.Module
+  output_shape: tuple[int, ...]
+  head_hidden_sizes: Sequence[int]
+
+  def setup(self):
+    self.encoder = self.encoder_template.clone()
+    self.head = heads_lib.Head(output_shape=tuple(self.output_shape),
+                               hidden_sizes=tuple(self.head_hidden_sizes))
+
+
+class _Tasks(nn.Module):
+  """Holds one `_TaskParts` per task, each named after its task."""
+
+  tasks_output_shapes: Mapping[str, tuple[int, ...]]
+  encoder_template: nn.Module
+  head_hidden_sizes: Sequence[int]
+
+  def setup(self):
+    self.parts = {
+        name: _TaskParts(self.encoder_template, tuple(shape),
+                         self.head_hidden_sizes, name=name)
+        for name, shape in self.tasks_output_shapes.items()}
+
+
+class AdversarialSharedPrivateModel(nn.Module):
+  """Shared and private encoders, with an adversarial task discriminator.
+
+  Params are `{"shared": {"encoder", "discriminator"}, "tasks": {task:
+  {"encoder", "head"}}}`. The discriminator gets gradient only from the
+  adversarial loss; through the reversal layer the shared encoder gets
+  `-reversal_scale` times that loss's gradient. A task's private encoder and
+  head only affect that task's output (and the difference loss).
+
+  Attributes:
+    tasks_output_shapes: `{task_name: output_shape}` in task order (the order
+      of the discriminator's logits and of `task_presence`'s columns).
+    shared_encoder: trunk `inputs [B, ...] -> [B, D_s]`, e.g. `trunks.MLP()`.
+    private_encoder: trunk `inputs [B, ...] -> [B, D_p]`, cloned per task.
+    head_hidden_sizes: hidden widths of each task's `Head`.
+    discriminator_hidden_sizes: hidden widths of the discriminator.
+    adversarial_weight: multiplier of the discriminator loss (paper: 0.05).
+    reversal_scale: gradient reversal strength into the shared encoder.
+    difference_weight: multiplier of the difference loss (0: off; paper 0.01).
+  """
+
+  tasks_output_shapes: Mapping[str, tuple[int, ...]]
+  shared_encoder: nn.Module
+  private_encoder: nn.Module
+  head_hidden_sizes: Sequence[int] = ()
+  discriminator_hidden_sizes: Sequence[int] = ()
+  adversarial_weight: float = 0.05
+  reversal_scale: float = 1.0
+  difference_weight: float = 0.0
+
+  def setup(self):
+    _check_tasks("AdversarialSharedPrivateModel", self.tasks_output_shapes)
+    for field in ("adversarial_weight", "reversal_scale", "difference_weight"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"AdversarialSharedPrivateModel: {field} must be >= 0, "
+                         f"got {getattr(self, field)}")
+    self.shared = _SharedParts(self.shared_encoder,
+                               len(self.tasks_output_shapes),
+                               tuple(self.discriminator_hidden_sizes))
+    self.tasks = _Tasks(self.tasks_output_shapes, self.private_encoder,
+                        tuple(self.head_hidden_sizes))
+
+  def __call__(self, inputs: jax.Array, *, task_presence: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    """Returns `{task: prediction [B, *output_shape]}` and sows aux losses.
+
+    Args:
+      inputs: `[B, ...]`, whatever the encoders take.
+      task_presence: `[B, K]`, 1.0 where the example is labelled for task k
+        (see `task_presence_from_masks`); None (e.g. at evaluation) sows no
+        adversarial loss.
+      train: passed to the encoders (dropout).
+
+    Raises:
+      ValueError: if `task_presence` is not `[B, K]`.
+    """
+    names = list(self.tasks_output_shapes)
+    if task_presence is not None and task_presence.shape != (
+        inputs.shape[0], len(names)):
+      raise ValueError(
+          f"AdversarialSharedPrivateModel: task_presence has shape "
+          f"{task_presence.shape}; expected [B, K] = "
+          f"{(inputs.shape[0], len(names))} with columns in task order {names}")
+    shared_features = self.shared.encoder(inputs, train=train)  # [B, D_s]
+    private = {n: part.encoder(inputs, train=train)  # [B, D_p]
+               for n, part in self.tasks.parts.items()}
+    outputs = {
+        n: part.head(jnp.concatenate([shared_features, private[n]], axis=-1))
+        for n, part in self.tasks.parts.items()}
+
+    # Always run the discriminator, so that `init` creates its params even
+    # without task_presence; unused logits cost nothing under jit.
+    logits = self.discriminate(
+        gradient_reversal(shared_features, self.reversal_scale))  # [B, K]
+    self.sow("intermediates", "discriminator_logits", logits)
+    collect = self.is_mutable_collection("aux_losses")
+    if collect and task_presence is not None and self.adversarial_weight:
+      self.sow("aux_losses", ADVERSARIAL_LOSS_NAME,
+               self.adversarial_weight * discriminator_loss(logits, task_presence))
+    if collect and self.difference_weight:
+      self.sow("aux_losses", DIFFERENCE_LOSS_NAME,
+               self.difference_weight * difference_loss(
+                   shared_features, [private[n] for n in names]))
+    return outputs
+
+  def encode(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
+    """The shared features `[B, D_s]`."""
+    return self.shared.encoder(inputs, train=train)
+
+  def discriminate(self, features: jax.Array) -> jax.Array:
+    """The discriminator's logits `[B, K]` on shared features (no reversal)."""
+    return self.shared.discriminator(features)
