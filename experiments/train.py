@@ -91,6 +91,7 @@ class Experiment:
   train_batcher: pipeline.ArrayBatcher
   test_arrays: dict
   label_counts: dict[str, int]
+  param_counts: dict[str, Any]
   num_train_examples: int
   num_unlabelled: int
 
@@ -172,9 +173,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if m.trunk not in trunk_kwargs:
     raise ValueError(f"unknown trunk {m.trunk!r}; valid: "
                      f"{', '.join(sorted(trunk_kwargs))}")
-  model = models_build.make_hard_sharing_model(
-      tasks, models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
-      head_hidden_sizes=tuple(m.head_hidden_sizes))
+  def make_model(task_set):
+    return models_build.make_hard_sharing_model(
+        task_set, models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
+        head_hidden_sizes=tuple(m.head_hidden_sizes))
+
+  model = make_model(tasks)
+  sample = train_arrays["inputs"][:1]
+  param_counts = models_build.param_report(
+      models_build.abstract_params(model, sample),
+      {t.name: models_build.count_params(models_build.abstract_params(
+          make_model(tasks.select([t.name])), sample)) for t in tasks})
 
   o = config.optimizer
   schedule = optim.make_schedule(o.schedule, o.learning_rate,
@@ -212,6 +221,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       chunk_size=config.aggregation.chunk_size or None,
       train_batcher=batcher, test_arrays=test_arrays,
       label_counts={n: int(masks[n].sum()) for n in names},
+      param_counts=param_counts,
       num_train_examples=num_train, num_unlabelled=int(len(unlabelled)))
 
 
@@ -295,6 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "num_processes": jax.process_count(),
       "eval": final_eval,
       "label_counts": exp.label_counts,
+      # This model against K single-task models of the same backbone.
+      "params": exp.param_counts,
       "num_train_examples": exp.num_train_examples,
       "num_unlabelled": exp.num_unlabelled,
   }

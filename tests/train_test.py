@@ -53,6 +53,13 @@ def test_run_writes_results_metrics_events_plot_and_checkpoints(
   assert results["label_counts"] == {"left": 1000, "right": 600, "present": 400,
                                      "sum": 200}
   assert results["num_train_examples"] == 2000
+  counts = results["params"]
+  assert counts["total"] == counts["shared"] + sum(counts["tasks"].values())
+  # Each single-task model repeats the shared trunk: K trunks + K heads.
+  assert counts["single_task_total"] == (
+      4 * counts["shared"] + sum(counts["tasks"].values()))
+  assert counts["ratio_to_single_task"] == pytest.approx(
+      counts["total"] / counts["single_task_total"])
   expected_keys = {f"{t}/{m}" for t, ms in [
       ("left", ("accuracy", "loss", "count")), ("right", ("accuracy", "loss", "count")),
       ("present", ("f1", "loss", "count")), ("sum", ("mae", "rmse", "loss", "count"))]
