@@ -88,6 +88,8 @@ class Experiment:
   aggregator: aggregation_lib.Aggregator | None
   rep_grad: bool
   chunk_size: int | None
+  grad_norm_path: tuple[str, ...]
+  pass_task_presence: bool
   train_batcher: pipeline.ArrayBatcher
   test_arrays: dict
   label_counts: dict[str, int]
@@ -173,10 +175,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if m.trunk not in trunk_kwargs:
     raise ValueError(f"unknown trunk {m.trunk!r}; valid: "
                      f"{', '.join(sorted(trunk_kwargs))}")
+  arch = m.architecture
+  if arch not in models_build.ARCHITECTURES:
+    raise ValueError(f"unknown architecture {arch!r}; valid: "
+                     f"{', '.join(sorted(models_build.ARCHITECTURES))}")
+  arch_kwargs = dict(m[arch]) if arch in m else {}
+
   def make_model(task_set):
-    return models_build.make_hard_sharing_model(
-        task_set, models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
-        head_hidden_sizes=tuple(m.head_hidden_sizes))
+    return models_build.make_model(
+        arch, task_set,
+        models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
+        head_hidden_sizes=tuple(m.head_hidden_sizes),
+        input_trunk=m.input_trunk, **arch_kwargs)
 
   model = make_model(tasks)
   sample = train_arrays["inputs"][:1]
@@ -214,11 +224,23 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         f"{config.aggregation.name!r}; valid: " + ", ".join(
             n for n in sorted(aggregation_lib.AGGREGATORS)
             if aggregation_lib.get_aggregator(n).rep_grad_ok))
+  if config.aggregation.rep_grad and arch != "hard_sharing":
+    raise ValueError("config.aggregation.rep_grad=True needs one shared "
+                     "representation: architecture 'hard_sharing', not "
+                     f"{arch!r}")
+  grad_norm_path = models_build.last_shared_layer(arch, m.input_trunk)
+  if "grad_norms" in weighting.needs and grad_norm_path is None:
+    raise ValueError(f"weighting {config.weighting.name!r} needs a last "
+                     f"shared layer, which architecture {arch!r} does not "
+                     "have (hard_sharing, adversarial, or a mixture of experts"
+                     " with config.model.input_trunk=True do)")
   return Experiment(
       tasks=tasks, model=model, optimizer=optimizer, schedule=schedule,
       weighting=weighting, aggregator=aggregator,
       rep_grad=config.aggregation.rep_grad,
       chunk_size=config.aggregation.chunk_size or None,
+      grad_norm_path=grad_norm_path or (),
+      pass_task_presence=arch == "adversarial",
       train_batcher=batcher, test_arrays=test_arrays,
       label_counts={n: int(masks[n].sum()) for n in names},
       param_counts=param_counts,
@@ -283,7 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       step_lib.make_train_step(
           exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
           aggregator=exp.aggregator, rep_grad=exp.rep_grad,
-          chunk_size=exp.chunk_size, schedule=exp.schedule,
+          chunk_size=exp.chunk_size, grad_norm_path=exp.grad_norm_path,
+          pass_task_presence=exp.pass_task_presence, schedule=exp.schedule,
           axis_name=par.axis_name), state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
   evaluate = make_evaluate(exp, par, state.params, config.eval_batch_size)

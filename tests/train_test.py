@@ -284,3 +284,40 @@ def test_methods_and_their_hyperparameters_come_from_the_config(
   assert weights[0] == pytest.approx(0.5, rel=1e-6)
   np.testing.assert_allclose(weights, 0.5 * np.exp(-0.05 * np.arange(4)),
                              rtol=0.02)
+
+
+@pytest.mark.parametrize("architecture", sorted(
+    __import__("mtl_jax.models.build", fromlist=["x"]).ARCHITECTURES))
+def test_every_architecture_trains_with_train_py(small_data_dir, tmp_path,
+                                                 architecture):
+  config = tiny_config(small_data_dir, num_steps=3, log_every=3,
+                       **{"model.architecture": architecture,
+                          "model.input_trunk": True})
+  if architecture == "mtan":
+    config.model.mtan.channels = (4, 8)
+  results = train.run(config, str(tmp_path))
+  assert results["steps"] == 3
+  assert all(np.isfinite(v) for v in results["eval"].values())
+  counts = results["params"]
+  assert counts["total"] == counts["shared"] + sum(counts["tasks"].values())
+  assert set(counts["tasks"]) == {"left", "right", "present", "sum"}
+  records = _read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  train_record = [r for r in records if r["split"] == "train"][-1]
+  if architecture == "soft_sharing":
+    assert train_record["aux/soft_sharing"] > 0
+  if architecture == "adversarial":
+    assert train_record["aux/adversarial"] > 0
+
+
+def test_architecture_errors_name_the_problem(small_data_dir, tmp_path):
+  with pytest.raises(ValueError, match="unknown architecture 'tree'; valid: adversarial, cgc"):
+    train.run(tiny_config(small_data_dir, **{"model.architecture": "tree"}),
+              str(tmp_path))
+  with pytest.raises(ValueError, match="rep_grad=True needs one shared representation"):
+    train.run(tiny_config(small_data_dir, **{
+        "model.architecture": "mmoe", "aggregation.name": "mgda",
+        "aggregation.rep_grad": True}), str(tmp_path))
+  with pytest.raises(ValueError, match="weighting 'gradnorm' needs a last shared layer"):
+    train.run(tiny_config(small_data_dir, **{
+        "model.architecture": "cross_stitch", "weighting.name": "gradnorm"}),
+        str(tmp_path))

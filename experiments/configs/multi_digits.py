@@ -16,6 +16,7 @@ import ml_collections
 from experiments.configs import methods
 from mtl_jax import aggregation
 from mtl_jax import weighting
+from mtl_jax.models import build as models_build
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,6 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.sum_loss = "huber"
 
   config.model = ml_collections.ConfigDict()
+  # hard_sharing | soft_sharing | cross_stitch | mtan | mmoe | cgc | ple |
+  # dselect_k | adversarial; hyperparameters under config.model.<name>.
+  config.model.architecture = "hard_sharing"
+  # Mixture-of-experts models: run the trunk before the experts (shared).
+  config.model.input_trunk = False
+  for name in sorted(models_build.ARCHITECTURES):
+    fields = models_build.architecture_fields(name)
+    if fields:
+      config.model[name] = ml_collections.ConfigDict(fields)
+  # The backbone: hard sharing's shared trunk, soft sharing's per-task column,
+  # the adversarial model's encoders, the MoE models' optional input trunk.
   config.model.trunk = "cnn"  # mlp | cnn | resnet
   config.model.channels = (32, 64, 64)  # cnn
   config.model.strides = (1, 2, 1)  # cnn

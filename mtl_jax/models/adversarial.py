@@ -14,8 +14,8 @@ Params: `{"shared": {"encoder": <S>, "discriminator": <D>},
           "tasks": {task: {"encoder": <P_k>, "head": <Head>}}}`.
 
 Auxiliary losses, sowed into the "aux_losses" collection when it is mutable
-(apply with `mutable=["aux_losses"]` and add the sum of its leaves to the
-objective):
+and the model is not initialising (apply with `mutable=["aux_losses"]` and add
+the sum of its leaves to the objective; `init` returns params only):
   "adversarial": `adversarial_weight * mean BCE(D(GRL(S(x))), task_presence)`,
     the mean of sigmoid binary cross-entropy over the `[B, K]` entries; only
     when `task_presence` is given and `adversarial_weight > 0`.
@@ -52,8 +52,8 @@ def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
                  ) -> None:
   """Raises ValueError if there are no tasks or a task name is unusable."""
   if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
-                     "one {task_name: output_shape} entry")
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
   for name in tasks_output_shapes:
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"{model}: invalid task name {name!r}; names are "
@@ -124,14 +124,30 @@ def task_presence_from_masks(masks: Mapping[str, jax.Array],
 
 def discriminator_loss(logits: jax.Array, task_presence: jax.Array
                        ) -> jax.Array:
-  """Mean sigmoid binary cross-entropy over the `[B, K]` entries (unweighted)."""
+  """The discriminator's multi-label loss (before `adversarial_weight`).
+
+  Args:
+    logits: `[B, K]` discriminator logits.
+    task_presence: `[B, K]`, 1.0 where the example is labelled for the task.
+
+  Returns:
+    The mean of sigmoid binary cross-entropy over the B * K entries.
+  """
   return jnp.mean(optax.sigmoid_binary_cross_entropy(
       logits, task_presence.astype(logits.dtype)))
 
 
 def difference_loss(shared_features: jax.Array,
                     private_features: Sequence[jax.Array]) -> jax.Array:
-  """`sum_k ||S^T P_k||_F^2` for `S [B, D_s]` and each `P_k [B, D_p]`."""
+  """Liu et al.'s difference (orthogonality) loss (before its weight).
+
+  Args:
+    shared_features: S, `[B, D_s]`.
+    private_features: the K private feature arrays P_k, each `[B, D_p]`.
+
+  Returns:
+    `sum_k ||S^T P_k||_F^2`, a float32 scalar.
+  """
   total = jnp.zeros((), jnp.float32)
   for p in private_features:
     total += jnp.sum(jnp.square(shared_features.T @ p))  # [D_s, D_p]
@@ -213,20 +229,21 @@ class AdversarialSharedPrivateModel(nn.Module):
     _check_tasks("AdversarialSharedPrivateModel", self.tasks_output_shapes)
     for field in ("adversarial_weight", "reversal_scale", "difference_weight"):
       if getattr(self, field) < 0:
-        raise ValueError(f"AdversarialSharedPrivateModel: {field} must be >= 0, "
-                         f"got {getattr(self, field)}")
+        raise ValueError(f"AdversarialSharedPrivateModel: {field} must be "
+                         f">= 0, got {getattr(self, field)}")
     self.shared = _SharedParts(self.shared_encoder,
                                len(self.tasks_output_shapes),
                                tuple(self.discriminator_hidden_sizes))
     self.tasks = _Tasks(self.tasks_output_shapes, self.private_encoder,
                         tuple(self.head_hidden_sizes))
 
-  def __call__(self, inputs: jax.Array, *, task_presence: jax.Array | None = None,
+  def __call__(self, inputs: jax.Array, *,
+               task_presence: jax.Array | None = None,
                train: bool = False) -> dict[str, jax.Array]:
     """Returns `{task: prediction [B, *output_shape]}` and sows aux losses.
 
     Args:
-      inputs: `[B, ...]`, whatever the encoders take.
+      inputs: `[B, ...]` (or a pytree of them), whatever the encoders take.
       task_presence: `[B, K]`, 1.0 where the example is labelled for task k
         (see `task_presence_from_masks`); None (e.g. at evaluation) sows no
         adversarial loss.
@@ -236,12 +253,12 @@ class AdversarialSharedPrivateModel(nn.Module):
       ValueError: if `task_presence` is not `[B, K]`.
     """
     names = list(self.tasks_output_shapes)
-    if task_presence is not None and task_presence.shape != (
-        inputs.shape[0], len(names)):
+    expected = (jax.tree.leaves(inputs)[0].shape[0], len(names))  # [B, K]
+    if task_presence is not None and task_presence.shape != expected:
       raise ValueError(
           f"AdversarialSharedPrivateModel: task_presence has shape "
-          f"{task_presence.shape}; expected [B, K] = "
-          f"{(inputs.shape[0], len(names))} with columns in task order {names}")
+          f"{task_presence.shape}; expected [B, K] = {expected} with columns "
+          f"in task order {names}")
     shared_features = self.shared.encoder(inputs, train=train)  # [B, D_s]
     private = {n: part.encoder(inputs, train=train)  # [B, D_p]
                for n, part in self.tasks.parts.items()}
@@ -254,10 +271,13 @@ class AdversarialSharedPrivateModel(nn.Module):
     logits = self.discriminate(
         gradient_reversal(shared_features, self.reversal_scale))  # [B, K]
     self.sow("intermediates", "discriminator_logits", logits)
-    collect = self.is_mutable_collection("aux_losses")
+    # `init` makes every collection mutable; it should return params only.
+    collect = (self.is_mutable_collection("aux_losses") and
+               not self.is_initializing())
     if collect and task_presence is not None and self.adversarial_weight:
+      loss = discriminator_loss(logits, task_presence)
       self.sow("aux_losses", ADVERSARIAL_LOSS_NAME,
-               self.adversarial_weight * discriminator_loss(logits, task_presence))
+               self.adversarial_weight * loss)
     if collect and self.difference_weight:
       self.sow("aux_losses", DIFFERENCE_LOSS_NAME,
                self.difference_weight * difference_loss(

@@ -40,8 +40,8 @@ def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
                  ) -> None:
   """Raises ValueError if there are no tasks or a task name is unusable."""
   if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
-                     "one {task_name: output_shape} entry")
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
   for name in tasks_output_shapes:
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"{model}: invalid task name {name!r}; names are "
@@ -65,14 +65,17 @@ def stitch_init(alpha_self: float, alpha_other: float
   def init(key, shape, dtype=jnp.float32):
     del key  # deterministic
     if len(shape) != 2 or shape[0] != shape[1]:
-      raise ValueError(f"stitch_init: expected a square [K, K] shape, got {shape}")
+      raise ValueError(
+          f"stitch_init: expected a square [K, K] shape, got {shape}")
     eye = jnp.eye(shape[0], dtype=dtype)
     return alpha_self * eye + alpha_other * (1 - eye)
   return init
 
 
 class CrossStitchUnit(nn.Module):
-  """Mixes stacked task activations `[K, B, ...]` with a learnable `[K, K]` alpha.
+  """Mixes stacked task activations `[K, B, ...]` with a learnable alpha.
+
+  `out[i] = sum_j alpha[i, j] * xs[j]`, alpha `[K, K]`.
 
   Attributes:
     alpha_self: initial diagonal entries (a task's weight on itself).

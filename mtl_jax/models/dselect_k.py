@@ -50,7 +50,8 @@ not depend on the batch size, like the task losses); the reachability loss has
 the constant k subtracted (same gradient, and it reads 0 once every selector's
 weight is on real experts); the entropy weight is a constant (the code allows a
 schedule; schedule it outside by rebuilding the model); aux losses are sown
-whenever the collection is mutable, not only in training.
+whenever the collection is mutable (except during `init`), not only in
+training.
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def smooth_step(t: jax.Array, gamma: float = 1.0) -> jax.Array:
     `S(t)` elementwise: 0 below `-gamma/2`, 1 above `gamma/2`, and
     `-2/gamma^3 t^3 + 3/(2 gamma) t + 1/2` in between (C1 at both ends).
   """
+  t = jnp.asarray(t)
   cubic = -2.0 / gamma ** 3 * t ** 3 + 1.5 / gamma * t + 0.5
-  return jnp.where(t <= -gamma / 2, 0.0,
-                   jnp.where(t >= gamma / 2, 1.0, cubic)).astype(cubic.dtype)
+  # Both branches are finite everywhere, so the where's gradient is clean: the
+  # cubic's slope outside [-gamma/2, gamma/2] is masked, not NaN.
+  return jnp.where(t <= -gamma / 2, 0.0, jnp.where(t >= gamma / 2, 1.0, cubic))
 
 
 def num_binary(num_experts: int) -> int:
@@ -93,7 +96,7 @@ def num_binary(num_experts: int) -> int:
 
 
 def binary_codes(num_experts: int) -> np.ndarray:
-  """`[E, m]` bool: row i is the binary code of i, most significant bit first."""
+  """`[E, m]` bool: row i is the binary code of i, most significant first."""
   m = num_binary(num_experts)
   return np.array([[c == "1" for c in np.binary_repr(i, width=m)]
                    for i in range(num_experts)], dtype=bool).reshape(
@@ -175,15 +178,19 @@ class DSelectKGate(nn.Module):
                                         self.gamma)  # [B, k, E]
     selector_weights = jax.nn.softmax(alpha, axis=-1)  # [B, k]
     weights = jnp.einsum("bk,bke->be", selector_weights, selectors)  # [B, E]
-    self.sow("intermediates", "selector_outputs", selectors)
-    self.sow("intermediates", "weights", weights)
+    if moe.is_collected(self, "intermediates"):
+      self.sow("intermediates", "selector_outputs", selectors)
+      self.sow("intermediates", "weights", weights)
 
-    if self.entropy_weight:
+    # Only computed when collected: the train step makes "aux_losses" mutable,
+    # inference and `init` do not keep it.
+    collect = moe.is_collected(self, "aux_losses")
+    if self.entropy_weight and collect:
       entropy = -jnp.sum(selectors * jnp.log(selectors + ENTROPY_EPSILON),
                          axis=(1, 2))  # [B]
       self.sow("aux_losses", "entropy",
                self.entropy_weight * jnp.mean(entropy))
-    if self.num_experts != 2 ** m:
+    if self.num_experts != 2 ** m and collect:
       # The paper code's 1 / (reachable weight) per selector, minus its floor
       # (1 each): without it a selector can put all its weight on codes >= E,
       # i.e. on no expert at all.
@@ -210,8 +217,9 @@ class _DSelectKTower(nn.Module):
     weights = DSelectKGate(self.num_experts, self.num_nonzeros, self.gamma,
                            self.entropy_weight, self.example_conditioned,
                            name="gate")(x)  # [B, E]
-    return heads_lib.Head(tuple(self.output_shape), tuple(self.head_hidden_sizes),
-                          name="head")(moe.mix(weights, experts), train=train)
+    head = heads_lib.Head(tuple(self.output_shape),
+                          tuple(self.head_hidden_sizes), name="head")
+    return head(moe.mix(weights, experts), train=train)
 
 
 class DSelectKModel(nn.Module):

@@ -1,8 +1,8 @@
 """Mixture-of-experts multi-task models: MMoE, CGC and PLE.
 
 All three share one idea: a few expert networks see the input, and a gate per
-task (a linear layer and a softmax over experts, computed from the input) decides
-how much each expert contributes to that task's head input,
+task (a linear layer and a softmax over experts, computed from the input)
+decides how much each expert contributes to that task's head input,
 
   task input_t(x) = sum_e g_{t,e}(x) f_e(x),   g_t(x) = softmax(W_t x + b_t).
 
@@ -38,7 +38,7 @@ Param layout (the library's `{"shared", "tasks"}` split):
 
 ("trunk" only with an `input_trunk`; a task's "experts" only with
 `num_task_experts > 0`.) Gate weights are sown into the "intermediates"
-collection as "gate_weights" (`[B, num_candidates]`), so
+collection as "gate_weights" (`[B, num_candidates]`; never during `init`), so
 `apply(..., mutable=["intermediates"])` exposes the routing for analysis; no
 auxiliary loss is sown: softmax gates are dense and the papers add no balancing
 loss.
@@ -89,8 +89,8 @@ def check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
     ValueError: no task, or a task name that cannot be a param key.
   """
   if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
-                     "one {task_name: output_shape} entry")
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
   for name in tasks_output_shapes:
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"{model}: invalid task name {name!r}; names are "
@@ -110,12 +110,24 @@ def check_hidden_sizes(model: str, what: str, sizes: Sequence[int], *,
   sizes = tuple(sizes)
   if (not sizes and not allow_empty) or any(
       not isinstance(s, int) or s < 1 for s in sizes):
-    raise ValueError(f"{model}: {what} must be a {'' if allow_empty else 'non-empty '}"
-                     f"sequence of positive widths, got {sizes!r}")
+    kind = "sequence" if allow_empty else "non-empty sequence"
+    raise ValueError(f"{model}: {what} must be a {kind} of positive widths, "
+                     f"got {sizes!r}")
 
 
 # --------------------------------------------------------------------------
 # Building blocks.
+
+
+def is_collected(module: nn.Module, collection: str) -> bool:
+  """Whether values sown into `collection` would be kept (and worth computing).
+
+  Not during `init`: init makes every collection mutable, and sown values would
+  come back as extra variable collections next to "params", which the train
+  state does not carry (`training.state.init_params` rejects them).
+  """
+  return (module.is_mutable_collection(collection) and
+          not module.is_initializing())
 
 
 def flatten(x: jax.Array) -> jax.Array:
@@ -140,7 +152,8 @@ def softmax_gate(module: nn.Module, x: jax.Array, num_candidates: int
                  ) -> jax.Array:
   """A linear softmax gate named "gate" inside `module` (call it from compact).
 
-  Weights are sown into `module`'s "intermediates" as "gate_weights".
+  Weights are sown into `module`'s "intermediates" as "gate_weights" (when
+  that collection is mutable, outside `init`).
 
   Args:
     module: the (compact) module that owns the gate.
@@ -152,7 +165,8 @@ def softmax_gate(module: nn.Module, x: jax.Array, num_candidates: int
   """
   logits = nn.Dense(num_candidates, name="gate")(x)  # [B, E]
   weights = jax.nn.softmax(logits, axis=-1)
-  module.sow("intermediates", "gate_weights", weights)
+  if is_collected(module, "intermediates"):
+    module.sow("intermediates", "gate_weights", weights)
   return weights
 
 
@@ -213,7 +227,7 @@ class SharedExperts(nn.Module):
 
   def __call__(self, inputs: jax.Array, *, train: bool = False
                ) -> tuple[jax.Array, jax.Array]:
-    """Returns `(x [B, D_in], experts [B, E, D])`: gate input, expert outputs."""
+    """Returns `(x [B, D_in], experts [B, E, D])`: gate input, experts."""
     x = flatten(self.encode(inputs, train=train))  # [B, D_in]
     return x, self.experts(x, train=train)
 
@@ -255,8 +269,9 @@ class _MMoETower(nn.Module):
   def __call__(self, x: jax.Array, experts: jax.Array, *, train: bool = False
                ) -> jax.Array:
     weights = softmax_gate(self, x, self.num_experts)  # [B, E]
-    return heads_lib.Head(tuple(self.output_shape), tuple(self.head_hidden_sizes),
-                          name="head")(mix(weights, experts), train=train)
+    head = heads_lib.Head(tuple(self.output_shape),
+                          tuple(self.head_hidden_sizes), name="head")
+    return head(mix(weights, experts), train=train)
 
 
 class MMoEModel(nn.Module):
@@ -292,7 +307,8 @@ class MMoEModel(nn.Module):
     check_count("MMoEModel", "num_experts", self.num_experts, 1)
     check_hidden_sizes("MMoEModel", "expert_hidden_sizes",
                        self.expert_hidden_sizes, allow_empty=False)
-    self.shared = SharedExperts(self.num_experts, tuple(self.expert_hidden_sizes),
+    self.shared = SharedExperts(self.num_experts,
+                                tuple(self.expert_hidden_sizes),
                                 self.dropout_rate, self.input_trunk)
     self.tasks = TaskTowers({
         name: _MMoETower(self.num_experts, tuple(shape),
@@ -324,11 +340,13 @@ class _CGCTower(nn.Module):
   def __call__(self, x: jax.Array, shared: jax.Array, *, train: bool = False
                ) -> jax.Array:
     own = Experts(self.num_task_experts, tuple(self.expert_hidden_sizes),
-                  self.dropout_rate, name="experts")(x, train=train)  # [B, Et, D]
+                  self.dropout_rate, name="experts")(x, train=train)
+    # own: [B, Et, D], shared: [B, Es, D]
     candidates = jnp.concatenate([own, shared], axis=1)  # [B, Et + Es, D]
     weights = softmax_gate(self, x, candidates.shape[1])
-    return heads_lib.Head(tuple(self.output_shape), tuple(self.head_hidden_sizes),
-                          name="head")(mix(weights, candidates), train=train)
+    head = heads_lib.Head(tuple(self.output_shape),
+                          tuple(self.head_hidden_sizes), name="head")
+    return head(mix(weights, candidates), train=train)
 
 
 class CGCModel(nn.Module):
@@ -411,7 +429,8 @@ class _Extraction(nn.Module):
   def mix(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
     """`h [B, D_in]`, `candidates [B, gate_size, D]` -> `[B, D]`."""
     weights = jax.nn.softmax(self.gate(h), axis=-1)  # [B, gate_size]
-    self.sow("intermediates", "gate_weights", weights)
+    if is_collected(self, "intermediates"):
+      self.sow("intermediates", "gate_weights", weights)
     return mix(weights, candidates)
 
 

@@ -44,8 +44,8 @@ def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
                  ) -> None:
   """Raises ValueError if there are no tasks or a task name is unusable."""
   if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
-                     "one {task_name: output_shape} entry")
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
   for name in tasks_output_shapes:
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"{model}: invalid task name {name!r}; names are "
@@ -156,8 +156,8 @@ class _Tasks(nn.Module):
 
   def setup(self):
     self.attention = {
-        name: _TaskAttention(tuple(shape), self.channels, self.head_hidden_sizes,
-                             self.groups, name=name)
+        name: _TaskAttention(tuple(shape), self.channels,
+                             self.head_hidden_sizes, self.groups, name=name)
         for name, shape in self.tasks_output_shapes.items()}
 
 

@@ -47,8 +47,8 @@ def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
                  ) -> None:
   """Raises ValueError if there are no tasks or a task name is unusable."""
   if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at least "
-                     "one {task_name: output_shape} entry")
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
   for name in tasks_output_shapes:
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"{model}: invalid task name {name!r}; names are "
@@ -171,7 +171,8 @@ class SoftSharingModel(nn.Module):
 
   The penalty `l2_penalty(params, penalty_strength)` is sowed during the forward
   pass as `aux_losses/"soft_sharing"` (already multiplied by the strength) when
-  the "aux_losses" collection is mutable and `penalty_strength > 0`; apply with
+  the "aux_losses" collection is mutable, `penalty_strength > 0` and the model
+  is not initialising (`init` returns params only); apply with
   `mutable=["aux_losses"]` and add the sum of that collection to the objective.
   Pass only `{"params": ...}` to `apply`: a sowed collection passed back in
   would be appended to, not replaced.
@@ -205,8 +206,10 @@ class SoftSharingModel(nn.Module):
     """Returns `{task: prediction [B, *output_shape]}`; may sow the penalty."""
     outputs = self.tasks(self.shared(inputs), train=train)
     # Skipped when nobody collects it (eval, plain apply): saves tracing the
-    # K(K-1)/2 pairwise differences.
-    if self.penalty_strength and self.is_mutable_collection("aux_losses"):
+    # K(K-1)/2 pairwise differences. Not sown by `init` either, so that init
+    # returns params only (init makes every collection mutable).
+    if (self.penalty_strength and self.is_mutable_collection("aux_losses")
+        and not self.is_initializing()):
       # Params of the columns just used (traced, so the penalty differentiates
       # with respect to them like any other loss term).
       task_params = self.tasks.variables["params"]

@@ -51,7 +51,8 @@ def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:
   """Initialises a linen model's params from one (host) sample batch."""
   variables = jax.jit(lambda r, x: model.init(r, x, train=False))(
       rng, sample_inputs)
-  unexpected = sorted(set(variables) - {"params"})
+  # Sown outputs (auxiliary losses, intermediates) are not state.
+  unexpected = sorted(set(variables) - {"params", "aux_losses", "intermediates"})
   if unexpected:
     raise ValueError(f"model has non-param collections {unexpected}; the train "
                      "step only carries 'params'")
