@@ -48,18 +48,6 @@ ADVERSARIAL_LOSS_NAME = "adversarial"
 DIFFERENCE_LOSS_NAME = "difference"
 
 
-def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
-                 ) -> None:
-  """Raises ValueError if there are no tasks or a task name is unusable."""
-  if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
-                     "least one {task_name: output_shape} entry")
-  for name in tasks_output_shapes:
-    if not isinstance(name, str) or not name or "/" in name:
-      raise ValueError(f"{model}: invalid task name {name!r}; names are "
-                       "non-empty strings without '/'")
-
-
 @jax.custom_vjp
 def _reverse(x: jax.Array, scale: jax.Array) -> jax.Array:
   return x
@@ -226,7 +214,8 @@ class AdversarialSharedPrivateModel(nn.Module):
   difference_weight: float = 0.0
 
   def setup(self):
-    _check_tasks("AdversarialSharedPrivateModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("AdversarialSharedPrivateModel",
+                          self.tasks_output_shapes)
     for field in ("adversarial_weight", "reversal_scale", "difference_weight"):
       if getattr(self, field) < 0:
         raise ValueError(f"AdversarialSharedPrivateModel: {field} must be "

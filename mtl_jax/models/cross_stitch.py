@@ -36,18 +36,6 @@ import jax.numpy as jnp
 from mtl_jax.models import heads as heads_lib
 
 
-def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
-                 ) -> None:
-  """Raises ValueError if there are no tasks or a task name is unusable."""
-  if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
-                     "least one {task_name: output_shape} entry")
-  for name in tasks_output_shapes:
-    if not isinstance(name, str) or not name or "/" in name:
-      raise ValueError(f"{model}: invalid task name {name!r}; names are "
-                       "non-empty strings without '/'")
-
-
 def stitch_init(alpha_self: float, alpha_other: float
                 ) -> nn.initializers.Initializer:
   """Returns an initialiser of `[K, K]` alphas.
@@ -202,7 +190,7 @@ class CrossStitchModel(nn.Module):
   alpha_other: float = 0.0
 
   def setup(self):
-    _check_tasks("CrossStitchModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("CrossStitchModel", self.tasks_output_shapes)
     if len(self.conv_channels) != len(self.conv_strides):
       raise ValueError(f"CrossStitchModel: conv_channels "
                        f"{tuple(self.conv_channels)} and conv_strides "

@@ -260,7 +260,7 @@ class DSelectKModel(nn.Module):
 
   def setup(self):
     model = "DSelectKModel"
-    moe.check_tasks(model, self.tasks_output_shapes)
+    heads_lib.check_tasks(model, self.tasks_output_shapes)
     moe.check_count(model, "num_experts", self.num_experts, 2)
     moe.check_count(model, "num_nonzeros", self.num_nonzeros, 1)
     if self.num_nonzeros > self.num_experts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,3 +33,23 @@ class Head(nn.Module):
     out_dim = int(np.prod(self.output_shape, dtype=np.int64))
     x = nn.Dense(out_dim)(x)  # [B, out_dim]
     return x.reshape((x.shape[0],) + tuple(self.output_shape))
+
+
+def check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
+                ) -> None:
+  """Checks the `{task_name: output_shape}` mapping of a multi-task model.
+
+  Args:
+    model: the model's name, for the error message.
+    tasks_output_shapes: the mapping to check.
+
+  Raises:
+    ValueError: no task, or a task name that cannot be a param key.
+  """
+  if not tasks_output_shapes:
+    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
+                     "least one {task_name: output_shape} entry")
+  for name in tasks_output_shapes:
+    if not isinstance(name, str) or not name or "/" in name:
+      raise ValueError(f"{model}: invalid task name {name!r}; names are "
+                       "non-empty strings without '/'")

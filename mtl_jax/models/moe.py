@@ -77,26 +77,6 @@ from mtl_jax.models import trunks
 # Validation.
 
 
-def check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
-                ) -> None:
-  """Checks the `{task_name: output_shape}` mapping of a multi-task model.
-
-  Args:
-    model: the model's name, for the error message.
-    tasks_output_shapes: the mapping to check.
-
-  Raises:
-    ValueError: no task, or a task name that cannot be a param key.
-  """
-  if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
-                     "least one {task_name: output_shape} entry")
-  for name in tasks_output_shapes:
-    if not isinstance(name, str) or not name or "/" in name:
-      raise ValueError(f"{model}: invalid task name {name!r}; names are "
-                       "non-empty strings without '/'")
-
-
 def check_count(model: str, what: str, value: int, minimum: int) -> None:
   """Raises ValueError unless `value` is an int >= `minimum`."""
   if not isinstance(value, int) or value < minimum:
@@ -303,7 +283,7 @@ class MMoEModel(nn.Module):
   input_trunk: nn.Module | None = None
 
   def setup(self):
-    check_tasks("MMoEModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("MMoEModel", self.tasks_output_shapes)
     check_count("MMoEModel", "num_experts", self.num_experts, 1)
     check_hidden_sizes("MMoEModel", "expert_hidden_sizes",
                        self.expert_hidden_sizes, allow_empty=False)
@@ -379,7 +359,7 @@ class CGCModel(nn.Module):
   input_trunk: nn.Module | None = None
 
   def setup(self):
-    check_tasks("CGCModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("CGCModel", self.tasks_output_shapes)
     check_count("CGCModel", "num_shared_experts", self.num_shared_experts, 1)
     check_count("CGCModel", "num_task_experts", self.num_task_experts, 0)
     check_hidden_sizes("CGCModel", "expert_hidden_sizes",
@@ -574,7 +554,7 @@ class PLEModel(nn.Module):
   input_trunk: nn.Module | None = None
 
   def setup(self):
-    check_tasks("PLEModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("PLEModel", self.tasks_output_shapes)
     check_count("PLEModel", "num_levels", self.num_levels, 1)
     check_count("PLEModel", "num_shared_experts", self.num_shared_experts, 1)
     check_count("PLEModel", "num_task_experts", self.num_task_experts, 0)

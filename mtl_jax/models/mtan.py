@@ -40,18 +40,6 @@ import jax.numpy as jnp
 from mtl_jax.models import heads as heads_lib
 
 
-def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
-                 ) -> None:
-  """Raises ValueError if there are no tasks or a task name is unusable."""
-  if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
-                     "least one {task_name: output_shape} entry")
-  for name in tasks_output_shapes:
-    if not isinstance(name, str) or not name or "/" in name:
-      raise ValueError(f"{model}: invalid task name {name!r}; names are "
-                       "non-empty strings without '/'")
-
-
 def _pool(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2 (`[B, H, W, C] -> [B, H/2, W/2, C]`)."""
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
@@ -187,7 +175,7 @@ class MTANModel(nn.Module):
   groups: int = 8
 
   def setup(self):
-    _check_tasks("MTANModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("MTANModel", self.tasks_output_shapes)
     if not self.channels:
       raise ValueError("MTANModel: channels is empty; give one entry per block")
     if self.pool not in ("flatten", "mean"):

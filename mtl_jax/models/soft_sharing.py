@@ -43,18 +43,6 @@ PyTree = Any
 AUX_LOSS_NAME = "soft_sharing"
 
 
-def _check_tasks(model: str, tasks_output_shapes: Mapping[str, Sequence[int]]
-                 ) -> None:
-  """Raises ValueError if there are no tasks or a task name is unusable."""
-  if not tasks_output_shapes:
-    raise ValueError(f"{model}: tasks_output_shapes is empty; it needs at "
-                     "least one {task_name: output_shape} entry")
-  for name in tasks_output_shapes:
-    if not isinstance(name, str) or not name or "/" in name:
-      raise ValueError(f"{model}: invalid task name {name!r}; names are "
-                       "non-empty strings without '/'")
-
-
 def pairwise_squared_distance(trees: Sequence[PyTree]) -> jax.Array:
   """Sum over leaves and over pairs i < j of `||trees[i] - trees[j]||^2`.
 
@@ -193,7 +181,7 @@ class SoftSharingModel(nn.Module):
   penalty_strength: float = 1e-3
 
   def setup(self):
-    _check_tasks("SoftSharingModel", self.tasks_output_shapes)
+    heads_lib.check_tasks("SoftSharingModel", self.tasks_output_shapes)
     if self.penalty_strength < 0:
       raise ValueError("SoftSharingModel: penalty_strength must be >= 0, got "
                        f"{self.penalty_strength}")
