@@ -292,3 +292,29 @@ def task_metric_stats(tasks: TaskSet, predictions: Mapping[str, jax.Array],
           batch["masks"][task.name])
       for task in tasks
   }
+
+
+def task_presence(masks: Mapping[str, Any], task_names: Sequence[str]
+                  ) -> jax.Array:
+  """Which tasks each example is labelled for, from a batch's masks.
+
+  Args:
+    masks: `{task: [B] or [B, ...]}` as in the batch contract (dense masks
+      count an example as labelled if any element is).
+    task_names: the model's task order.
+
+  Returns:
+    `[B, K]` float32, 1.0 where example b has a label for task k.
+
+  Raises:
+    KeyError: if a task of `task_names` has no mask (names the valid ones).
+  """
+  missing = [n for n in task_names if n not in masks]
+  if missing:
+    raise KeyError(f"no mask for task(s) {missing}; masks have "
+                   f"{', '.join(sorted(masks))}")
+  cols = []
+  for name in task_names:
+    m = jnp.asarray(masks[name])
+    cols.append((m.reshape(m.shape[0], -1) > 0).any(axis=1))  # [B]
+  return jnp.stack(cols, axis=1).astype(jnp.float32)  # [B, K]

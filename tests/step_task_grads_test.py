@@ -239,6 +239,6 @@ def test_auxiliary_losses_are_added_to_the_objective(aggregator):
 
 def test_task_presence_marks_labelled_tasks():
   batch = _batch()
-  presence = step_lib.task_presence(TASKS, batch)
+  presence = tasks_lib.task_presence(batch["masks"], TASKS.names)
   expected = np.stack([batch["masks"][n] > 0 for n in TASKS.names], 1)
   np.testing.assert_array_equal(presence, expected.astype(np.float32))

@@ -84,32 +84,6 @@ def gradient_reversal(x: jax.Array, scale: float | jax.Array = 1.0
   return _reverse(x, jnp.asarray(scale, dtype=x.dtype))
 
 
-def task_presence_from_masks(masks: Mapping[str, jax.Array],
-                             task_names: Sequence[str]) -> jax.Array:
-  """Which tasks each example is labelled for, from a batch's masks.
-
-  Args:
-    masks: `{task: [B] or [B, ...]}` as in the batch contract (dense masks
-      count an example as labelled if any element is).
-    task_names: the model's task order.
-
-  Returns:
-    `[B, K]` float32, 1.0 where example b has a label for task k.
-
-  Raises:
-    KeyError: if a task of `task_names` has no mask (names the valid ones).
-  """
-  missing = [n for n in task_names if n not in masks]
-  if missing:
-    raise KeyError(f"no mask for task(s) {missing}; masks have "
-                   f"{', '.join(sorted(masks))}")
-  cols = []
-  for name in task_names:
-    m = jnp.asarray(masks[name])
-    cols.append((m.reshape(m.shape[0], -1) > 0).any(axis=1))  # [B]
-  return jnp.stack(cols, axis=1).astype(jnp.float32)  # [B, K]
-
-
 def discriminator_loss(logits: jax.Array, task_presence: jax.Array
                        ) -> jax.Array:
   """The discriminator's multi-label loss (before `adversarial_weight`).
@@ -234,7 +208,7 @@ class AdversarialSharedPrivateModel(nn.Module):
     Args:
       inputs: `[B, ...]` (or a pytree of them), whatever the encoders take.
       task_presence: `[B, K]`, 1.0 where the example is labelled for task k
-        (see `task_presence_from_masks`); None (e.g. at evaluation) sows no
+        (see `mtl_jax.tasks.task_presence`); None (e.g. at evaluation) sows no
         adversarial loss.
       train: passed to the encoders (dropout).
 

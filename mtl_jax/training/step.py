@@ -59,15 +59,6 @@ def _flatten_aux(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
   return out
 
 
-def task_presence(tasks: tasks_lib.TaskSet, batch: Batch) -> jax.Array:
-  """`[B, K]`: 1.0 where the example has any label for the task."""
-  cols = []
-  for t in tasks:
-    m = jnp.asarray(batch["masks"][t.name])
-    cols.append((m.reshape(m.shape[0], -1) > 0).any(axis=1))
-  return jnp.stack(cols, axis=1).astype(jnp.float32)
-
-
 def _batch_size(batch: Batch) -> int:
   return jax.tree.leaves(batch["inputs"])[0].shape[0]
 
@@ -165,7 +156,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   def model_kwargs(batch):
     if not pass_task_presence:
       return {}
-    return {"task_presence": task_presence(tasks, batch)}  # [B, K]
+    return {"task_presence": tasks_lib.task_presence(batch["masks"],
+                                                      tasks.names)}  # [B, K]
 
   def loss_sums_fn(params, inputs, batch, key):
     """`((loss_sums [K], aux_total), (counts [K], aux_losses))`."""

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtl_jax import tasks as tasks_lib
+
 from mtl_jax.models import adversarial, trunks
 
 SHAPES = {"left": (10,), "sum": (), "dense": (2, 3)}
@@ -182,10 +184,10 @@ def test_task_presence_from_masks():
            "sum": np.array([1.0, 0.0, 0.0]),
            "dense": np.zeros((3, 2, 3), np.float32)}
   masks["dense"][1, 1, 2] = 1.0  # dense mask: any labelled element counts
-  presence = adversarial.task_presence_from_masks(masks, list(SHAPES))
+  presence = tasks_lib.task_presence(masks, list(SHAPES))
   np.testing.assert_array_equal(presence, PRESENCE)
   with pytest.raises(KeyError, match=r"no mask for task\(s\) \['other'\]"):
-    adversarial.task_presence_from_masks(masks, ["left", "other"])
+    tasks_lib.task_presence(masks, ["left", "other"])
 
 
 def test_errors():
