@@ -27,7 +27,6 @@ import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import ml_collections
-import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
@@ -35,6 +34,8 @@ from experiments.configs import methods
 from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
+from mtl_jax.data import catalog
+from mtl_jax.data import mixture as mixture_lib
 from mtl_jax.data import multi_digits
 from mtl_jax.data import pipeline
 from mtl_jax.models import build as models_build
@@ -70,11 +71,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 # The device layout may change too (resume an 8-GPU run on 4): every layout
 # computes the same numbers, up to float reduction order.
 MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
-              "max_checkpoints_to_keep", "data.data_dir", "eval_batch_size",
+              "max_checkpoints_to_keep", "data.data_dir", "data.prefetch",
+              "eval_batch_size",
               "parallelism", "sharding", "mesh.data")
-
-DATASETS = ("multi_digits",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -90,8 +89,8 @@ class Experiment:
   chunk_size: int | None
   grad_norm_path: tuple[str, ...]
   pass_task_presence: bool
-  train_batcher: pipeline.ArrayBatcher
-  test_arrays: dict
+  train_mixture: mixture_lib.Mixture
+  eval_stream: mixture_lib.EvalStream
   label_counts: dict[str, int]
   param_counts: dict[str, Any]
   num_train_examples: int
@@ -105,14 +104,94 @@ def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
 
 
-def _check_task_keys(field: str, mapping: dict, tasks: tuple[str, ...]) -> None:
-  unknown = sorted(set(mapping) - set(multi_digits.TASK_NAMES))
+def _check_task_keys(field: str, mapping: dict, valid: tuple[str, ...]) -> None:
+  unknown = sorted(set(mapping) - set(valid))
   if unknown:
     raise ValueError(f"config.{field} names unknown task(s) {unknown}; valid "
-                     f"tasks: {', '.join(multi_digits.TASK_NAMES)}")
-  missing = [t for t in tasks if t not in mapping]
-  if missing:
-    raise ValueError(f"config.{field} has no entry for task(s) {missing}")
+                     f"tasks: {', '.join(valid)}")
+
+
+def _load_dataset(config: ml_collections.ConfigDict) -> catalog.Dataset:
+  data_dir = config.data.data_dir or None
+  options = dict(config.data.options)
+  if config.data.name == "multi_digits" and jax.process_count() > 1:
+    # Process 0 prepares first so that processes sharing a filesystem do not
+    # race on the same files; the others then find them (or, on a host-local
+    # disk, prepare their own copy).
+    if jax.process_index() == 0:
+      multi_digits.prepare(data_dir, options.get("builder_config", "default"))
+    multihost_utils.sync_global_devices("multi_digits prepared")
+  return catalog.get_dataset(config.data.name, data_dir=data_dir, **options)
+
+
+def _label_count(component: mixture_lib.Component, task: str) -> int:
+  if task in component.label_keep:
+    return int(component.label_keep[task][component.indices].sum())
+  return component.num_rows
+
+
+def build_data(config: ml_collections.ConfigDict, dataset: catalog.Dataset,
+               tasks: tasks_lib.TaskSet):
+  """The training mixture and the eval stream of the config's data block.
+
+  Each training component keeps its labels on `config.data.label_fractions`
+  of its rows (per task, seeded by `label_seed`); rows left with no label
+  form an unlabelled component, dropped when `drop_unlabelled`.
+
+  Returns:
+    `(mixture, eval_stream, label_counts, num_train, num_unlabelled)`.
+  """
+  d = config.data
+  fractions = dict(d.label_fractions)
+  _check_task_keys("data.label_fractions", fractions, dataset.tasks.names)
+  labelled, unlabelled = [], []
+  for component in dataset.train:
+    component = mixture_lib.restrict(component, tasks.names)
+    kept, rest = mixture_lib.split_by_label_fraction(component, fractions,
+                                                     d.label_seed)
+    labelled.append(kept)
+    unlabelled.append(rest)
+  label_counts = {t: sum(_label_count(c, t) for c in labelled
+                         if t in mixture_lib.labelled_tasks(c))
+                  for t in tasks.names}
+  num_unlabelled = sum(c.num_rows for c in unlabelled)
+  components = [c for c in labelled if c.num_rows]
+  if not d.drop_unlabelled:
+    components += [c for c in unlabelled if c.num_rows]
+  if not components:
+    raise ValueError("config.data.label_fractions leave no labelled training "
+                     "example (and data.drop_unlabelled drops the rest)")
+  m = d.mixture
+  rates = mixture_lib.mixing_rates(
+      {c.name: c.num_rows for c in components}, m.method,
+      temperature=m.temperature, rates=dict(m.rates),
+      size_cap=m.size_cap or None)
+  train_mixture = mixture_lib.Mixture(
+      components, tasks, batch_size=config.batch_size, seed=config.seed,
+      rates=rates, composition=m.composition,
+      num_host_shards=jax.process_count(), host_index=jax.process_index())
+  eval_stream = mixture_lib.EvalStream(
+      [mixture_lib.restrict(c, tasks.names) for c in dataset.eval], tasks,
+      batch_size=config.eval_batch_size, num_host_shards=jax.process_count(),
+      host_index=jax.process_index())
+  num_train = sum(c.num_rows for c in labelled) + num_unlabelled
+  return train_mixture, eval_stream, label_counts, num_train, num_unlabelled
+
+
+def _trunk_kwargs(m: ml_collections.ConfigDict, dataset: catalog.Dataset
+                  ) -> dict[str, dict[str, Any]]:
+  kwargs = {
+      "mlp": dict(hidden_sizes=tuple(m.hidden_sizes),
+                  dropout_rate=m.dropout_rate),
+      "cnn": dict(channels=tuple(m.channels), strides=tuple(m.strides),
+                  feature_size=m.feature_size, dropout_rate=m.dropout_rate),
+      "resnet": dict(feature_size=m.feature_size),
+  }
+  if "tagger" in m:
+    kwargs["tagger"] = dict(m.tagger)
+  if "vocab_size" in dataset.info:
+    kwargs.setdefault("tagger", {})["vocab_size"] = dataset.info["vocab_size"]
+  return kwargs
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -122,56 +201,23 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     ValueError: an unknown name (dataset, task, trunk, optimizer, schedule,
       weighting) or an out-of-range value; the message names the field.
   """
-  if config.data.name not in DATASETS:
+  if config.data.name not in catalog.DATASETS:
     raise ValueError(f"unknown dataset {config.data.name!r}; valid: "
-                     f"{', '.join(DATASETS)}")
+                     f"{', '.join(sorted(catalog.DATASETS))}")
   _check_positive(config, "batch_size", "eval_batch_size", "num_steps",
                   "log_every")
-  all_tasks = multi_digits.task_set(
-      weights=dict(config.task_weights), sum_loss=config.sum_loss)
+  dataset = _load_dataset(config)
   names = tuple(n.strip() for n in config.tasks.split(",") if n.strip())
-  tasks = all_tasks.select(names)  # KeyError names an unknown task
-  _check_task_keys("task_weights", dict(config.task_weights), names)
-  fractions = dict(config.data.label_fractions)
-  _check_task_keys("data.label_fractions", fractions, names)
-  fractions = {n: fractions[n] for n in names}
-
-  data_dir = config.data.data_dir or None
-  if jax.process_count() > 1:
-    # Process 0 prepares first so that processes sharing a filesystem do not
-    # race on the same files; the others then find them (or, on a host-local
-    # disk, prepare their own copy).
-    if jax.process_index() == 0:
-      multi_digits.prepare(data_dir, config.data.builder_config)
-    multihost_utils.sync_global_devices("multi_digits prepared")
-  train = multi_digits.load_or_prepare(
-      "train", data_dir=data_dir, config=config.data.builder_config)
-  test = multi_digits.load_or_prepare(
-      "test", data_dir=data_dir, config=config.data.builder_config)
-  num_train = len(train["left"])
-  masks = multi_digits.label_masks(num_train, fractions, config.data.label_seed)
-  train_arrays = multi_digits.to_batch_arrays(train, masks, names)
-  test_arrays = multi_digits.to_batch_arrays(test, None, names)
-  # The whole split is in memory: validating it once covers every batch.
-  tasks.validate_batch(train_arrays)
-  tasks.validate_batch(test_arrays)
-  unlabelled = multi_digits.unlabelled_pool(masks)
-  indices = (np.setdiff1d(np.arange(num_train), unlabelled)
-             if config.data.drop_unlabelled else None)
-  # Each process feeds its own rows of every global batch.
-  batcher = pipeline.ArrayBatcher(
-      train_arrays, batch_size=config.batch_size, seed=config.seed,
-      indices=indices, num_host_shards=jax.process_count(),
-      host_index=jax.process_index())
+  weights = dict(config.task_weights)
+  _check_task_keys("task_weights", weights, dataset.tasks.names)
+  tasks = dataset.tasks.select(names or dataset.tasks.names)  # KeyError: unknown
+  tasks = tasks_lib.TaskSet([dataclasses.replace(t, weight=float(
+      weights.get(t.name, 1.0))) for t in tasks])
+  (train_mixture, eval_stream, label_counts, num_train,
+   num_unlabelled) = build_data(config, dataset, tasks)
 
   m = config.model
-  trunk_kwargs = {
-      "mlp": dict(hidden_sizes=tuple(m.hidden_sizes),
-                  dropout_rate=m.dropout_rate),
-      "cnn": dict(channels=tuple(m.channels), strides=tuple(m.strides),
-                  feature_size=m.feature_size, dropout_rate=m.dropout_rate),
-      "resnet": dict(feature_size=m.feature_size),
-  }
+  trunk_kwargs = _trunk_kwargs(m, dataset)
   if m.trunk not in trunk_kwargs:
     raise ValueError(f"unknown trunk {m.trunk!r}; valid: "
                      f"{', '.join(sorted(trunk_kwargs))}")
@@ -189,7 +235,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         input_trunk=m.input_trunk, **arch_kwargs)
 
   model = make_model(tasks)
-  sample = train_arrays["inputs"][:1]
+  sample = train_mixture.batch(train_mixture.initial_state())[0]["inputs"][:1]
   param_counts = models_build.param_report(
       models_build.abstract_params(model, sample),
       {t.name: models_build.count_params(models_build.abstract_params(
@@ -241,10 +287,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       chunk_size=config.aggregation.chunk_size or None,
       grad_norm_path=grad_norm_path or (),
       pass_task_presence=arch == "adversarial",
-      train_batcher=batcher, test_arrays=test_arrays,
-      label_counts={n: int(masks[n].sum()) for n in names},
-      param_counts=param_counts,
-      num_train_examples=num_train, num_unlabelled=int(len(unlabelled)))
+      train_mixture=train_mixture, eval_stream=eval_stream,
+      label_counts=label_counts, param_counts=param_counts,
+      num_train_examples=num_train, num_unlabelled=num_unlabelled)
 
 
 def make_parallel(config: ml_collections.ConfigDict
@@ -259,18 +304,15 @@ def make_parallel(config: ml_collections.ConfigDict
 
 
 def make_evaluate(exp: Experiment, par: parallel_lib.DataParallel,
-                  params_like: Any, batch_size: int
-                  ) -> Callable[[Any], dict[str, float]]:
-  """`params -> {"<task>/<metric>": value}` over the whole test split."""
+                  params_like: Any) -> Callable[[Any], dict[str, float]]:
+  """`params -> {"<task>/<metric>": value}` over the whole eval split."""
   eval_step = par.compile_eval_step(
       step_lib.make_eval_step(exp.model.apply, exp.tasks,
                               axis_name=par.axis_name), params_like)
 
   def evaluate(params):
     total = None
-    for batch in pipeline.eval_batches(
-        exp.test_arrays, batch_size, num_host_shards=jax.process_count(),
-        host_index=jax.process_index()):
+    for batch in exp.eval_stream:
       total = step_lib.accumulate(total, eval_step(params, par.put_batch(batch)))
     return step_lib.finalize(exp.tasks, par.to_host(total))
 
@@ -289,7 +331,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                exp.num_train_examples)
 
   rng = jax.random.PRNGKey(config.seed)
-  sample = exp.train_batcher.batch_at(0)
+  data_state = exp.train_mixture.initial_state()
+  sample, _ = exp.train_mixture.batch(data_state)
   params = state_lib.init_params(exp.model, sample["inputs"], rng)
   state = par.put_state(state_lib.create_train_state(
       params, exp.optimizer, exp.weighting, len(exp.tasks),
@@ -299,6 +342,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       max_to_keep=config.max_checkpoints_to_keep)
   if checkpointer.latest_step() is not None:
     state = par.from_checkpoint(checkpointer.restore(par.for_checkpoint(state)))
+    data_state = checkpointer.data_state()
+    if data_state is None:
+      raise ValueError(f"checkpoint {checkpointer.latest_step()} in {workdir} "
+                       "has no data iterator state; it cannot be resumed "
+                       "exactly")
     logging.info("resumed from checkpoint at step %d", par.step_of(state))
 
   train_step = par.compile_train_step(
@@ -309,14 +357,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           pass_task_presence=exp.pass_task_presence, schedule=exp.schedule,
           axis_name=par.axis_name), state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
-  evaluate = make_evaluate(exp, par, state.params, config.eval_batch_size)
+  evaluate = make_evaluate(exp, par, state.params)
+  batches = pipeline.Prefetcher(exp.train_mixture.iterator(data_state),
+                                size=config.data.prefetch,
+                                transform=par.put_batch)
   state, final_eval = loop.train_loop(
-      state=state, train_step=train_step,
-      batch_at=lambda s: par.put_batch(exp.train_batcher.batch_at(s)),
+      state=state, train_step=train_step, batches=batches,
       num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
       evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
       parallel=par)
+  batches.close()
   if final_eval is None:  # resumed a finished run: evaluate its final state
     final_eval = evaluate(state.params)
   writer.close()

@@ -81,13 +81,41 @@ class Task:
 
 
 def classification_task(name: str, num_classes: int, *, weight: float = 1.0,
-                        label_smoothing: float = 0.0) -> Task:
-  """A single-label classification task: logits `[C]`, integer label, CE loss."""
+                        label_smoothing: float = 0.0,
+                        positions: Sequence[int] = ()) -> Task:
+  """A single-label classification task: logits `[C]`, integer label, CE loss.
+
+  With `positions`, the task classifies every position of a grid instead of the
+  whole example: a per-token task over `[L]` sequences has `positions=(L,)`,
+  logits `[L, C]`, labels `[L]` and a dense `[B, L]` mask (1.0 on labelled
+  tokens, 0.0 on padding, e.g. from `mtl_jax.data.text.pad_sequences`); the
+  loss and accuracy then average over labelled tokens and `count` is their
+  number. (A `[B]` mask is also valid, but the loss would then average each
+  example over all `L` positions, padding included.)
+
+  Args:
+    name: the task name.
+    num_classes: number of classes `C` (>= 2).
+    weight: static loss weight.
+    label_smoothing: label smoothing of the cross-entropy, in `[0, 1]`.
+    positions: shape `P` of the positions classified per example (`()`: one
+      label per example).
+
+  Returns:
+    The `Task`, with `label_shape=P` and `output_shape=(*P, C)`.
+
+  Raises:
+    ValueError: if `num_classes < 2` or a position size is not >= 1.
+  """
   if num_classes < 2:
     raise ValueError(f"task {name!r}: num_classes must be >= 2, got {num_classes}")
+  positions = tuple(int(d) for d in positions)
+  if any(d < 1 for d in positions):
+    raise ValueError(f"task {name!r}: positions must be sizes >= 1 (e.g. (L,) "
+                     f"for a per-token task), got {positions}")
   return Task(
-      name=name, kind="classification", output_shape=(num_classes,),
-      label_shape=(), label_dtype="int32",
+      name=name, kind="classification", output_shape=positions + (num_classes,),
+      label_shape=positions, label_dtype="int32",
       loss=losses_lib.get_loss("softmax_cross_entropy",
                                label_smoothing=label_smoothing),
       metrics=(metrics_lib.accuracy(),), weight=weight, num_classes=num_classes)

@@ -7,7 +7,7 @@ import pytest
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
-from mtl_jax.data import pipeline
+from mtl_jax.data import mixture
 from mtl_jax.models import build
 from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import state as state_lib
@@ -33,13 +33,18 @@ def _setup(seed):
                        "b": rng.normal(size=64).astype(np.float32)},
             "masks": {"a": (rng.random(64) < 0.5).astype(np.float32),
                       "b": (rng.random(64) < 0.3).astype(np.float32)}}
-  batcher = pipeline.ArrayBatcher(arrays, batch_size=16, seed=3)
-  return state, step, batcher
+  batches = mixture.Mixture([mixture.array_component("train", arrays)], TASKS,
+                            batch_size=16, seed=3, composition="fixed")
+  return state, step, batches
 
 
-def _run(state, step, batcher, start, stop):
-  for s in range(start, stop):
-    state, _ = step(state, batcher.batch_at(s))
+def _run(state, step, batches, start, stop):
+  """Steps start..stop-1; the data position is the step (one component)."""
+  data = {"step": start, "positions": {"train": 16 * start},
+          "mixture": batches.fingerprint()}
+  it = batches.iterator(data)
+  for _ in range(start, stop):
+    state, _ = step(state, next(it))
   return state
 
 

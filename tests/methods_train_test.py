@@ -8,6 +8,7 @@ import pytest
 
 from mtl_jax import aggregation
 from mtl_jax import weighting
+from mtl_jax.data import mixture
 from mtl_jax.data import multi_digits
 from mtl_jax.models import build
 from mtl_jax.training import state as state_lib
@@ -24,7 +25,7 @@ B = 32
 def batches(small_data_dir):
   train = multi_digits.load_split("train", data_dir=small_data_dir,
                                   config="small")
-  masks = multi_digits.label_masks(len(train["left"]), {
+  masks = mixture.label_fraction_masks(len(train["left"]), {
       "left": 0.5, "right": 0.5, "present": 0.5, "sum": 0.5}, seed=0)
   arrays = multi_digits.to_batch_arrays(train, masks, ALL_TASKS.names)
   out = []

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
 
+from mtl_jax.data import mixture
 from mtl_jax.data import multi_digits as md
 
 
@@ -168,69 +169,12 @@ def test_load_split_unprepared_raises(tmp_path):
   assert not os.listdir(tmp_path)  # nothing generated behind the user's back
 
 
-# -- label masks ------------------------------------------------------------
-
-
-def test_label_masks_exact_counts_and_determinism():
-  fractions = {"left": 0.1, "right": 0.25, "present": 1.0, "sum": 0.0}
-  masks = md.label_masks(1000, fractions, seed=0)
-  again = md.label_masks(1000, fractions, seed=0)
-  for task, f in fractions.items():
-    assert masks[task].dtype == np.float32 and masks[task].shape == (1000,)
-    assert masks[task].sum() == round(f * 1000)
-    np.testing.assert_array_equal(masks[task], again[task])
-  other_seed = md.label_masks(1000, fractions, seed=1)
-  assert not np.array_equal(masks["left"], other_seed["left"])
-  # Python's round: 0.5 * 5 = 2.5 -> 2, 0.3 * 5 = 1.5 -> 2.
-  assert md.label_masks(5, {"left": 0.5}, 0)["left"].sum() == 2
-  assert md.label_masks(5, {"left": 0.3}, 0)["left"].sum() == 2
-
-
-def test_label_masks_differ_and_overlap_between_tasks():
-  masks = md.label_masks(1000, {"left": 0.5, "right": 0.5}, seed=0)
-  both = np.sum(masks["left"] * masks["right"])
-  assert not np.array_equal(masks["left"], masks["right"])
-  assert 150 < both < 350  # ~250 expected for independent halves
-
-
-def test_label_masks_independent_of_other_tasks():
-  base = md.label_masks(500, {"left": 0.3, "right": 0.2}, seed=4)
-  changed = md.label_masks(500, {"left": 0.3, "right": 0.9}, seed=4)
-  added = md.label_masks(500, {"sum": 0.5, "left": 0.3, "present": 0.1},
-                         seed=4)
-  alone = md.label_masks(500, {"left": 0.3}, seed=4)
-  for other in (changed, added, alone):
-    np.testing.assert_array_equal(base["left"], other["left"])
-
-
-def test_label_masks_nested_in_fraction():
-  small = md.label_masks(400, {"sum": 0.1}, seed=0)["sum"]
-  large = md.label_masks(400, {"sum": 0.4}, seed=0)["sum"]
-  assert np.all(large >= small)
-
-
-@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
-def test_label_masks_invalid_fraction(value):
-  with pytest.raises(ValueError, match=r"'right'.*\[0, 1\]"):
-    md.label_masks(10, {"left": 0.5, "right": value}, seed=0)
-
-
-def test_unlabelled_pool_is_complement_of_union():
-  masks = md.label_masks(300, {"left": 0.2, "right": 0.3, "sum": 0.1}, seed=0)
-  pool = md.unlabelled_pool(masks)
-  union = (masks["left"] + masks["right"] + masks["sum"]) > 0
-  np.testing.assert_array_equal(pool, np.flatnonzero(~union))
-  assert len(pool) + union.sum() == 300
-  with pytest.raises(ValueError, match="different lengths"):
-    md.unlabelled_pool({"left": np.ones(3), "right": np.ones(4)})
-
-
 # -- to_batch_arrays --------------------------------------------------------
 
 
 def test_to_batch_arrays_zeroes_unlabelled():
   ex = md.generate_split("train", 200, seed=0)
-  masks = md.label_masks(200, {"left": 0.3, "right": 0.6, "present": 0.5,
+  masks = mixture.label_fraction_masks(200, {"left": 0.3, "right": 0.6, "present": 0.5,
                                "sum": 0.2}, seed=0)
   batch = md.to_batch_arrays(ex, masks, md.TASK_NAMES)
   assert batch["inputs"].dtype == np.float32

@@ -8,7 +8,7 @@ import pytest
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
-from mtl_jax.data import pipeline
+from mtl_jax.data import mixture
 from mtl_jax.models import build
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
@@ -186,7 +186,8 @@ def test_evaluation_counts_only_labelled_examples():
                       "reg": np.array([1, 0, 0, 1, 1], np.float32)}}
   eval_step = jax.jit(step_lib.make_eval_step(apply_fn, tasks))
   total = None
-  for batch in pipeline.eval_batches(arrays, 2):  # 3 batches, last one padded
+  for batch in mixture.EvalStream([mixture.array_component("eval", arrays)],
+                                  tasks, batch_size=2):  # last one padded
     total = step_lib.accumulate(total, eval_step(None, batch))
   out = step_lib.finalize(tasks, total)
   # cls predictions [1, 0, 1, 0, (1)]; labelled rows 0-3: correct 0 and 3.

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(data_dir, **overrides):
   config = md_config.get_config()
   config.data.data_dir = data_dir
-  config.data.builder_config = "small"
+  config.data.options.builder_config = "small"
   config.model.trunk = "mlp"
   config.model.hidden_sizes = (32,)
   config.model.head_hidden_sizes = ()
@@ -108,7 +108,7 @@ def test_workdir_of_a_different_config_is_refused(small_data_dir, tmp_path):
     (dict(**{"aggregation.name": "nope"}), r"unknown aggregation method 'nope'; valid: aligned_mtl, cagrad"),
     (dict(**{"aggregation.name": "pcgrad", "aggregation.rep_grad": True}),
      r"rep_grad=True is not valid for aggregation 'pcgrad'; valid: .*mgda"),
-    (dict(**{"data.name": "mnist"}), r"unknown dataset 'mnist'; valid: multi_digits"),
+    (dict(**{"data.name": "mnist"}), r"unknown dataset 'mnist'; valid: celeb_a, conll2003, .*multi_digits"),
     (dict(batch_size=0), r"config.batch_size must be a positive integer"),
     (dict(**{"data.label_fractions.left": 1.5}), r"left.*1.5"),
 ])
@@ -130,7 +130,7 @@ def _cli(args, cwd=REPO):
 def test_command_line_with_overrides(small_data_dir, tmp_path):
   workdir = str(tmp_path / "cli")
   proc = _cli([f"--workdir={workdir}", f"--config.data.data_dir={small_data_dir}",
-               "--config.data.builder_config=small", "--config.model.trunk=mlp",
+               "--config.data.options.builder_config=small", "--config.model.trunk=mlp",
                "--config.model.hidden_sizes=(16,)", "--config.num_steps=6",
                "--config.log_every=3", "--config.eval_batch_size=256",
                "--config.optimizer.learning_rate=0.01",
@@ -232,7 +232,7 @@ def test_two_processes_match_one_device(small_data_dir, tmp_path,
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
           f"--config.data.data_dir={small_data_dir}",
-          "--config.data.builder_config=small", "--config.model.trunk=mlp",
+          "--config.data.options.builder_config=small", "--config.model.trunk=mlp",
           "--config.model.hidden_sizes=(32,)", "--config.model.head_hidden_sizes=()",
           "--config.batch_size=32", "--config.eval_batch_size=256",
           "--config.log_every=5", "--config.eval_every=10",

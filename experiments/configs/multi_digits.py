@@ -24,21 +24,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
+  # A dataset of mtl_jax.data.catalog.DATASETS; its keyword options (here the
+  # TFDS builder config, "small" for quick tests, and the sum task's loss).
   config.data.name = "multi_digits"
-  config.data.builder_config = "default"  # "small" for quick tests
+  config.data.options = ml_collections.ConfigDict(
+      {"builder_config": "default", "sum_loss": "huber"})
   config.data.data_dir = ""  # "" = TFDS default (~/tensorflow_datasets)
+  # Fraction of each task's training examples that keep their label (seeded
+  # per task; a task not listed keeps all). Examples left with no label form
+  # the unlabelled pool.
   config.data.label_fractions = ml_collections.ConfigDict(
       {"left": 0.5, "right": 0.3, "present": 0.2, "sum": 0.1})
   config.data.label_seed = 0
-  # Supervised-only runs skip examples labelled for no task (the unlabelled pool
-  # is for the self-supervised tasks).
+  # Supervised-only runs skip the unlabelled pool (it is for self-supervised
+  # tasks).
   config.data.drop_unlabelled = True
+  # How batches draw from the training components (labelled sources and
+  # unlabelled pools): method explicit | proportional | uniform | temperature
+  # (rate ~ min(n, size_cap) ** (1 / temperature)); explicit rates name every
+  # component; composition "sampled" (multinomial per batch) or "fixed".
+  config.data.mixture = ml_collections.ConfigDict({
+      "method": "proportional", "temperature": 1.0,
+      "rates": ml_collections.ConfigDict(), "size_cap": 0,
+      "composition": "sampled"})
+  config.data.prefetch = 2  # batches read ahead in a background thread
 
-  # Comma-separated task names; static loss weights per task.
+  # Comma-separated task names ("" = every task of the dataset); static loss
+  # weights per task (a task not listed: 1.0).
   config.tasks = "left,right,present,sum"
   config.task_weights = ml_collections.ConfigDict(
       {"left": 1.0, "right": 1.0, "present": 1.0, "sum": 0.5})
-  config.sum_loss = "huber"
 
   config.model = ml_collections.ConfigDict()
   # hard_sharing | soft_sharing | cross_stitch | mtan | mmoe | cgc | ple |

@@ -22,16 +22,16 @@ Two ways in:
     "small", array_record files, no TensorFlow needed): `prepare(data_dir)`
     once, then `load_split(split, data_dir=...)` reads a whole split.
 
-`label_masks` draws which examples are labelled for which task (semi-supervised
-settings), and `to_batch_arrays` converts a split into the batch format of
-DESIGN.md (inputs, labels zeroed where unlabelled, masks).
+`to_batch_arrays` converts a split into the batch format of DESIGN.md (inputs,
+labels zeroed where unlabelled, masks). Partial labels, the unlabelled pool and
+the batch stream come from the generic machinery in `mtl_jax.data.mixture`;
+`mtl_jax.data.catalog.multi_digits` exposes the splits as mixture components.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -418,67 +418,6 @@ def load_or_prepare(split: str, *, data_dir: str,
 # Partial labels and the batch format.
 
 
-def label_masks(num_examples: int, fractions: Mapping[str, float],
-                seed: int) -> dict[str, np.ndarray]:
-  """Chooses, per task, which examples carry that task's label.
-
-  Task `t` with fraction `f` labels exactly `round(f * N)` examples (Python's
-  round: halves go to the even integer), the first ones of the permutation
-  `np.random.default_rng([seed, crc32(t)]).permutation(N)`. The subset depends
-  only on (seed, task name, f, N): adding, removing or changing another task
-  leaves it unchanged, different tasks get different overlapping subsets, and
-  raising `f` only adds examples (the subsets are nested).
-
-  Args:
-    num_examples: N, the number of examples in the split.
-    fractions: task name -> labelled fraction in [0, 1].
-    seed: non-negative integer seed.
-
-  Returns:
-    task name -> float32 [N] mask, 1.0 where labelled.
-
-  Raises:
-    ValueError: a fraction outside [0, 1] (or NaN), negative N or seed.
-  """
-  if num_examples < 0:
-    raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
-  if seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed}.")
-  masks = {}
-  for task, fraction in fractions.items():
-    if not 0.0 <= fraction <= 1.0:  # also rejects NaN
-      raise ValueError(f"Label fraction for task {task!r} must be in [0, 1], "
-                       f"got {fraction!r}.")
-    rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8"))])
-    chosen = rng.permutation(num_examples)[:int(round(fraction * num_examples))]
-    mask = np.zeros(num_examples, dtype=np.float32)
-    mask[chosen] = 1.0
-    masks[task] = mask
-  return masks
-
-
-def unlabelled_pool(masks: Mapping[str, np.ndarray]) -> np.ndarray:
-  """Indices of the examples that no task labels.
-
-  Args:
-    masks: task name -> [N] mask, as from `label_masks`.
-
-  Returns:
-    int64 [U] sorted indices where every mask is 0.
-
-  Raises:
-    ValueError: no masks (N unknown), or masks of different lengths.
-  """
-  if not masks:
-    raise ValueError("unlabelled_pool needs at least one task mask.")
-  lengths = {task: np.shape(m)[0] for task, m in masks.items()}
-  if len(set(lengths.values())) != 1:
-    raise ValueError(f"Masks have different lengths: {lengths}.")
-  labelled = np.any(np.stack([np.asarray(m) > 0 for m in masks.values()]),
-                    axis=0)  # [N]
-  return np.flatnonzero(~labelled).astype(np.int64)
-
-
 def to_batch_arrays(examples: Mapping[str, np.ndarray],
                     masks: Mapping[str, np.ndarray] | None,
                     tasks: Sequence[str]) -> dict:
@@ -489,7 +428,7 @@ def to_batch_arrays(examples: Mapping[str, np.ndarray],
 
   Args:
     examples: arrays from `generate_split` or `load_split` (N examples).
-    masks: task name -> [N] mask (from `label_masks`) with an entry for every
+    masks: task name -> [N] mask (e.g. `mixture.label_fraction_masks`) with an entry for every
       task in `tasks`; None means every example is labelled (e.g. test).
     tasks: the tasks to include, a subset of `TASK_NAMES`.
 
@@ -519,7 +458,7 @@ def to_batch_arrays(examples: Mapping[str, np.ndarray],
     missing = [t for t in tasks if t not in masks]
     if missing:
       raise ValueError(f"No mask for task(s) {missing}; give a fraction for "
-                       "every task to label_masks (1.0 = fully labelled), or "
+                       "every task (1.0 = fully labelled), or "
                        "pass masks=None.")
   dtypes = {"left": np.int32, "right": np.int32, "present": np.float32,
             "sum": np.float32}

@@ -17,6 +17,7 @@ from mtl_jax.models import heads as heads_lib
 from mtl_jax.models import moe
 from mtl_jax.models import mtan
 from mtl_jax.models import soft_sharing
+from mtl_jax.models import text
 from mtl_jax.models import trunks
 from mtl_jax.tasks import TaskSet
 
@@ -24,6 +25,7 @@ TRUNKS = {
     "mlp": trunks.MLP,
     "cnn": trunks.ConvNet,
     "resnet": trunks.ResNet,
+    "tagger": text.Tagger,
 }
 
 

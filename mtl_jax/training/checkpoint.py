@@ -2,9 +2,10 @@
 
 Orbax writes each step into a temporary directory and renames it when complete
 (and marks it committed), so a crash during a save never damages an earlier
-checkpoint; `latest_step` only ever sees finished ones. The data iterator position
-needs no saving of its own: batches are a pure function of (seed, step), so the
-restored `state.step` is the iterator position.
+checkpoint; `latest_step` only ever sees finished ones. Each step directory holds
+two items: `state` (the TrainState, any sharding) and `data` (the data
+iterator's JSON state, e.g. `MixtureIterator.get_state()`), written together, so
+a restored run continues with exactly the batches an uninterrupted one would see.
 """
 
 from __future__ import annotations
@@ -37,9 +38,17 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, *, wait: bool = False) -> None:
-    """Saves `state` as checkpoint `step` (asynchronously unless `wait`)."""
-    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+  def save(self, step: int, state: Any, *, data_state: Any = None,
+           wait: bool = False) -> None:
+    """Saves `state` (and the data iterator's `data_state`) as `step`.
+
+    Asynchronous unless `wait`. `data_state` must be JSON-serialisable; None
+    saves none (a run whose batches are a pure function of the step).
+    """
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
+    self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     if wait:
       self._manager.wait_until_finished()
 
@@ -56,8 +65,25 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-    return self._manager.restore(int(step),
-                                 args=ocp.args.StandardRestore(abstract))
+    return self._manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
+
+  def data_state(self, step: int | None = None) -> Any:
+    """The data iterator state saved with checkpoint `step` (latest by default).
+
+    Returns:
+      The JSON value given to `save`, or None if that checkpoint has none.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if not os.path.isdir(os.path.join(self.directory, str(int(step)), "data")):
+      return None
+    return self._manager.restore(int(step), args=ocp.args.Composite(
+        data=ocp.args.JsonRestore())).data
 
   def read(self, step: int | None = None) -> Any:
     """Reads checkpoint `step` (the latest by default) as host numpy arrays.
@@ -73,7 +99,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    path = os.path.join(self.directory, str(int(step)), "default")
+    path = os.path.join(self.directory, str(int(step)), "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path).item_metadata
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

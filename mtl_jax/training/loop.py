@@ -1,14 +1,16 @@
 """The training loop: steps, logging, evaluation, checkpoints.
 
-The loop owns no model logic: it calls a compiled `train_step`, gets batches from
-`batch_at(step)` (a pure function of the step, so a resumed run sees exactly the
-batches an uninterrupted one would), and hands metrics to a `MetricWriter`.
+The loop owns no model logic: it calls a compiled `train_step` on the batches of
+a checkpointable iterator (`get_state()`, e.g. a `Prefetcher` over a
+`MixtureIterator`), saves the iterator's state with every checkpoint (so a
+resumed run sees exactly the batches an uninterrupted one would), and hands
+metrics to a `MetricWriter`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -59,7 +61,7 @@ def check_finite(scalars: Mapping[str, float], task_names: Sequence[str],
 
 def train_loop(*, state: TrainState,
                train_step: Callable[[TrainState, Any], tuple[TrainState, dict]],
-               batch_at: Callable[[int], Any], num_steps: int,
+               batches: Iterator[Any], num_steps: int,
                task_names: Sequence[str], writer: writers.MetricWriter,
                evaluate: Callable[[Any], dict[str, float]] | None = None,
                checkpointer: Checkpointer | None = None, log_every: int = 100,
@@ -71,7 +73,8 @@ def train_loop(*, state: TrainState,
   Args:
     state: the (fresh or restored) state; training continues from `state.step`.
     train_step: the compiled step.
-    batch_at: `step -> batch` (device or host arrays).
+    batches: the train batches from `state.step` on (device or host arrays);
+      if it has `get_state()`, that state is saved with every checkpoint.
     num_steps: the total number of steps of the run.
     task_names: task order, for per-task summaries.
     writer: where train/eval scalars go.
@@ -93,7 +96,7 @@ def train_loop(*, state: TrainState,
   if start >= num_steps:
     logging.info("nothing to do: state is at step %d of %d", start, num_steps)
   for step in range(start, num_steps):
-    state, metrics = train_step(state, batch_at(step))
+    state, metrics = train_step(state, next(batches))
     history.append(metrics)
     done = step + 1
     last = done == num_steps
@@ -113,8 +116,10 @@ def train_loop(*, state: TrainState,
           if not k.endswith("/count")))
     if checkpointer is not None and (
         last or (checkpoint_every and done % checkpoint_every == 0)):
-      checkpointer.save(done, parallel.for_checkpoint(state) if parallel
-                        else state)
+      checkpointer.save(
+          done, parallel.for_checkpoint(state) if parallel else state,
+          data_state=batches.get_state() if hasattr(batches, "get_state")
+          else None)
   if checkpointer is not None:
     checkpointer.wait()
   return state, last_eval

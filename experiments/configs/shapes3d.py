@@ -1,0 +1,45 @@
+"""3D Shapes: floor, wall and object hue, scale, shape and orientation.
+
+Six classification tasks (`mtl_jax/data/catalog/factors.py`) on 64x64 RGB
+renders. The single TFDS split is sliced into train (first 90%) and held-out
+(last 10%) parts.
+
+Prepare the data once (array_record, for random access):
+  tfds build shapes3d --file_format=array_record
+
+Train:
+  python -m experiments.train --config=experiments/configs/shapes3d.py \
+    --workdir=runs/shapes3d --config.tasks=object_hue,shape,orientation
+"""
+
+import ml_collections
+
+from experiments.configs import multi_digits
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = multi_digits.get_config()
+  config.data.name = "shapes3d"
+  config.data.options = ml_collections.ConfigDict({
+      "image_size": 64, "train_split": "train[:90%]",
+      "eval_split": "train[90%:]"})
+  config.data.label_fractions = ml_collections.ConfigDict()  # all labels
+  config.data.mixture = ml_collections.ConfigDict({
+      "method": "proportional", "temperature": 1.0,
+      "rates": ml_collections.ConfigDict(), "size_cap": 0,
+      "composition": "sampled"})
+
+  config.tasks = ""  # floor_hue, wall_hue, object_hue, scale, shape, orientation
+  config.task_weights = ml_collections.ConfigDict()  # 1.0 each
+
+  config.model.trunk = "cnn"
+  config.model.channels = (32, 64, 128, 128)  # 64x64 -> 4x4
+  config.model.strides = (2, 2, 2, 2)
+  config.model.feature_size = 256
+  config.model.dropout_rate = 0.0
+
+  config.optimizer.learning_rate = 1e-3
+  config.batch_size = 128
+  config.num_steps = 10000
+  config.eval_every = 1000
+  return config
