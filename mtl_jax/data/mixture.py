@@ -160,6 +160,8 @@ def mixing_rates(sizes: Mapping[str, int], method: str = "proportional", *,
   if not sizes:
     raise ValueError("mixing_rates needs at least one component")
   names = list(sizes)
+  if size_cap is not None and size_cap < 1:
+    raise ValueError(f"size_cap must be >= 1, got {size_cap}")
   if method == "explicit":
     rates = dict(rates or {})
     unknown = sorted(set(rates) - set(names))
@@ -170,8 +172,6 @@ def mixing_rates(sizes: Mapping[str, int], method: str = "proportional", *,
                        f"{', '.join(names)}")
     raw = np.array([float(rates[n]) for n in names])
   else:
-    if size_cap is not None and size_cap < 1:
-      raise ValueError(f"size_cap must be >= 1, got {size_cap}")
     n = np.array([float(sizes[k]) for k in names])
     if size_cap is not None:
       n = np.minimum(n, size_cap)
@@ -294,6 +294,10 @@ def split_by_label_fraction(component: Component,
   Raises:
     ValueError: a fraction outside [0, 1].
   """
+  for task, fraction in fractions.items():
+    if not 0.0 <= fraction <= 1.0:  # also rejects NaN
+      raise ValueError(f"label fraction for task {task!r} must be in [0, 1], "
+                       f"got {fraction!r}")
   provided = labelled_tasks(component)
   size = len(component.source)
   chosen = label_fraction_masks(

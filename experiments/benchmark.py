@@ -1,0 +1,541 @@
+r"""Benchmarks the compiled train step and the input pipeline.
+
+Builds a hard-sharing model (MLP on flat inputs, or the CNN on
+multi_digits-shaped `[B, 12, 16, 1]` images) with K classification heads and a
+synthetic batch, compiles the train step of every method, and times it:
+
+  python -m experiments.benchmark --model=mlp --input_dim=784 \
+      --hidden=512,512,256 --num_tasks=4 --batch_size=256 --steps=30
+  python -m experiments.benchmark --rep_grad --methods=ew,mgda,imtl_g
+  python -m experiments.benchmark --num_tasks=1,2,4,8,16,32,40 \
+      --methods=ew,mgda,pcgrad --chunk_size=8 --out=runs/bench
+  python -m experiments.benchmark --model=cnn --batch_size=128
+  python -m experiments.benchmark --pipeline --methods= --data_dir=data/tfds
+
+Methods: `baseline` (a hand-written JAX/optax step of the same MLP, no
+framework: the floor for equal weighting), `ew` (equal weighting, one backward
+pass), every aggregator of `mtl_jax.aggregation.AGGREGATORS` (equal weights,
+per-task gradients; with `--rep_grad` w.r.t. the shared representation, for
+the aggregators valid there) and every weighting of
+`mtl_jax.weighting.WEIGHTINGS` (no aggregator; `gradnorm` takes per-task
+gradient norms).
+
+Measurement: each step is compiled ahead of time (`compile_s`), run
+`--warmup` times, then timed one call at a time with `block_until_ready` on its
+outputs. The methods of one setting are timed in `--rounds` interleaved rounds
+(each round runs every method for `steps / rounds` steps, in a rotated order),
+so that load from other processes spreads over all methods and the ratios of
+one run are comparable. `ms_per_step` is the median over the timed steps.
+
+Prints one JSON line per (method, setting) with `method`, `model`,
+`num_tasks`, `batch_size`, `rep_grad`, `chunk_size`, `ms_per_step` (median),
+`ms_q25`/`ms_q75`, `compile_s`, `peak_bytes` (the device's peak memory when the
+backend reports it, else null: XLA CPU does not), the compiled step's
+`temp_bytes`/`argument_bytes`/`output_bytes` (XLA's memory analysis, available
+on CPU too) and `ratio_to_ew` / `ratio_to_baseline` against the same setting.
+`--pipeline` adds rows for the multi_digits input pipeline (`examples_per_s`
+of the mixture iterator, with and without the `Prefetcher`) and for the
+default train step it feeds (the CNN of experiments/configs/multi_digits.py,
+batch 128). `--out=DIR` writes `DIR/benchmark.jsonl` and
+`DIR/step_time_vs_tasks.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_jax import aggregation
+from mtl_jax import tasks as tasks_lib
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.models import build
+from mtl_jax.training import state as state_lib
+from mtl_jax.training import step as step_lib
+
+_MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "Shared trunk.")
+_INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "MLP input size.")
+_HIDDEN = flags.DEFINE_list("hidden", ["512", "512", "256"],
+                            "MLP hidden sizes (the last is the feature size).")
+_IMAGE_SHAPE = flags.DEFINE_list("image_shape", ["12", "16", "1"],
+                                 "CNN input shape (default: multi_digits).")
+_CHANNELS = flags.DEFINE_list("channels", ["32", "64", "64"],
+                              "CNN channels (default: the experiment's).")
+_STRIDES = flags.DEFINE_list("strides", ["1", "2", "1"], "CNN strides.")
+_FEATURE_SIZE = flags.DEFINE_integer("feature_size", 256, "CNN feature size.")
+_HEAD_HIDDEN = flags.DEFINE_list("head_hidden", [],
+                                 "Hidden sizes of each task head.")
+_NUM_TASKS = flags.DEFINE_list("num_tasks", ["4"],
+                               "Numbers of tasks K (a list: a scaling sweep).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes per task.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Batch size.")
+_METHODS = flags.DEFINE_list(
+    "methods", None, "Methods to time (default: baseline for the MLP, ew, "
+    "every aggregator and gradnorm).")
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per method and "
+                              "setting.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds the timed "
+                               "steps are split into.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_REP_GRAD = flags.DEFINE_bool(
+    "rep_grad", False, "Aggregate gradients w.r.t. the shared representation "
+    "(aggregators that do not support it are skipped).")
+_CHUNK_SIZE = flags.DEFINE_integer(
+    "chunk_size", 0, "Map the per-task VJP over chunks of this many tasks "
+    "(0: all tasks in one vmap).")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam step size.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the params and the batch.")
+_PIPELINE = flags.DEFINE_bool(
+    "pipeline", False, "Also measure the multi_digits input pipeline against "
+    "the default train step.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data directory "
+                                "of multi_digits (prepared if missing).")
+_DATA_CONFIG = flags.DEFINE_string("data_config", "default",
+                                   "multi_digits builder config.")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200,
+                                         "Batches read per pipeline timing.")
+_OUT = flags.DEFINE_string("out", None, "Directory for benchmark.jsonl and "
+                           "step_time_vs_tasks.png.")
+
+BASELINE = "baseline"
+EW = "ew"
+DEFAULT_WEIGHTINGS = ("gradnorm",)
+
+
+def valid_methods() -> tuple[str, ...]:
+  return ((BASELINE, EW) + tuple(sorted(aggregation.AGGREGATORS)) +
+          tuple(sorted(set(weighting_lib.WEIGHTINGS) - {"equal", "static"})))
+
+
+def default_methods(model: str) -> list[str]:
+  return (([BASELINE] if model == "mlp" else []) + [EW] +
+          sorted(aggregation.AGGREGATORS) + list(DEFAULT_WEIGHTINGS))
+
+
+def check_methods(methods: Sequence[str], model: str) -> None:
+  """Raises ValueError for an unknown method, before anything compiles."""
+  unknown = [m for m in methods if m not in valid_methods()]
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown}; valid: "
+                     f"{', '.join(valid_methods())}")
+  if BASELINE in methods and model != "mlp":
+    raise ValueError("method 'baseline' (the hand-written step) exists for "
+                     "--model=mlp only")
+
+
+# --------------------------------------------------------------------------
+# Models, batches and steps.
+
+
+def make_tasks(num_tasks: int, num_classes: int) -> tasks_lib.TaskSet:
+  return tasks_lib.TaskSet([tasks_lib.classification_task(f"t{k}", num_classes)
+                            for k in range(num_tasks)])
+
+
+def make_trunk(model: str, *, hidden: Sequence[int] = (),
+               channels: Sequence[int] = (), strides: Sequence[int] = (),
+               feature_size: int = 256):
+  if model == "mlp":
+    return build.make_trunk("mlp", hidden_sizes=tuple(hidden))
+  return build.make_trunk("cnn", channels=tuple(channels),
+                          strides=tuple(strides), feature_size=feature_size)
+
+
+def synthetic_batch(tasks: tasks_lib.TaskSet, input_shape: Sequence[int],
+                    batch_size: int, seed: int) -> dict[str, Any]:
+  """A batch of random inputs, with every example labelled for every task."""
+  rng = np.random.default_rng(seed)
+  labels = {t.name: rng.integers(0, t.num_classes, batch_size).astype(np.int32)
+            for t in tasks}
+  return {"inputs": rng.standard_normal((batch_size, *input_shape),
+                                        dtype=np.float32),
+          "labels": labels,
+          "masks": {t.name: np.ones(batch_size, np.float32) for t in tasks}}
+
+
+def make_method(method: str, num_tasks: int, *, rep_grad: bool
+                ) -> tuple[weighting_lib.Weighting,
+                           aggregation.Aggregator | None, bool]:
+  """`(weighting, aggregator, rep_grad)` of a framework method name."""
+  if method == EW:
+    return weighting_lib.get_weighting("equal", num_tasks=num_tasks), None, False
+  if method in aggregation.AGGREGATORS:
+    agg = aggregation.get_aggregator(method)
+    return (weighting_lib.get_weighting("equal", num_tasks=num_tasks), agg,
+            rep_grad and agg.rep_grad_ok)
+  return weighting_lib.get_weighting(method), None, False
+
+
+class Compiled:
+  """One method's compiled step and its live state (the state is donated)."""
+
+  def __init__(self, fn: Callable, state: Any, args: tuple, compile_s: float,
+               memory: dict[str, int | None]):
+    self.fn, self.state, self.args = fn, state, args
+    self.compile_s, self.memory = compile_s, memory
+    self.times: list[float] = []
+
+  def run(self) -> float:
+    start = time.perf_counter()
+    self.state, out = self.fn(self.state, *self.args)
+    jax.block_until_ready((self.state, out))
+    return time.perf_counter() - start
+
+
+def _compile(step: Callable, state: Any, *args: Any) -> Compiled:
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, *args).compile()
+  compile_s = time.perf_counter() - start
+  return Compiled(compiled, state, args, compile_s, memory_analysis(compiled))
+
+
+def memory_analysis(compiled: Any) -> dict[str, int | None]:
+  """XLA's static buffer sizes of a compiled step (None where unavailable)."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError, AttributeError):
+    m = None
+  get = lambda name: None if m is None else int(getattr(m, name, 0) or 0)
+  return {"temp_bytes": get("temp_size_in_bytes"),
+          "argument_bytes": get("argument_size_in_bytes"),
+          "output_bytes": get("output_size_in_bytes")}
+
+
+def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
+                           batch: dict[str, Any], *, rep_grad: bool,
+                           chunk_size: int | None, learning_rate: float,
+                           seed: int) -> tuple[Compiled, bool]:
+  """The library's train step of `method`; returns it and its rep_grad."""
+  weighting, agg, rep = make_method(method, len(tasks), rep_grad=rep_grad)
+  tx = optax.adam(learning_rate)
+  params = state_lib.init_params(model, batch["inputs"][:1],
+                                 jax.random.PRNGKey(seed))
+  state = state_lib.create_train_state(params, tx, weighting, len(tasks),
+                                       jax.random.PRNGKey(seed + 1), agg)
+  step = step_lib.make_train_step(
+      model.apply, tasks, tx, weighting, aggregator=agg, rep_grad=rep,
+      chunk_size=chunk_size if agg is not None or weighting.needs else None)
+  batch = jax.device_put(batch)
+  return _compile(step, state, batch), rep
+
+
+def init_baseline_params(input_dim: int, hidden: Sequence[int],
+                         num_tasks: int, num_classes: int, seed: int) -> dict:
+  """Params of the hand-written MLP with K linear heads (lecun-normal init)."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(hidden) + num_tasks))
+  init = jax.nn.initializers.lecun_normal()
+  sizes = [input_dim, *hidden]
+  trunk = [(init(next(keys), (i, o)), jnp.zeros((o,)))
+           for i, o in zip(sizes[:-1], sizes[1:])]
+  heads = [(init(next(keys), (sizes[-1], num_classes)),
+            jnp.zeros((num_classes,))) for _ in range(num_tasks)]
+  return {"trunk": trunk, "heads": heads}
+
+
+def make_baseline_step(tx: optax.GradientTransformation) -> Callable:
+  """A plain JAX/optax train step: the sum of the K mean cross-entropies."""
+
+  def loss_fn(params, x, labels):  # x [B, D], labels [K, B]
+    h = x.reshape(x.shape[0], -1)
+    for w, b in params["trunk"]:
+      h = jax.nn.relu(h @ w + b)
+    loss = 0.0
+    for k, (w, b) in enumerate(params["heads"]):
+      loss += optax.softmax_cross_entropy_with_integer_labels(
+          h @ w + b, labels[k]).mean()
+    return loss
+
+  def step(state, x, labels):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return step
+
+
+def compile_baseline_step(tasks: tasks_lib.TaskSet, batch: dict[str, Any], *,
+                          input_dim: int, hidden: Sequence[int],
+                          learning_rate: float, seed: int) -> Compiled:
+  tx = optax.adam(learning_rate)
+  params = init_baseline_params(input_dim, hidden, len(tasks),
+                                tasks[0].num_classes, seed)
+  labels = jnp.stack([batch["labels"][name] for name in tasks.names])  # [K, B]
+  x = jax.device_put(batch["inputs"])
+  return _compile(make_baseline_step(tx), (params, tx.init(params)), x, labels)
+
+
+# --------------------------------------------------------------------------
+# Timing.
+
+
+def time_interleaved(compiled: dict[str, Compiled], *, steps: int, rounds: int,
+                     warmup: int) -> None:
+  """Fills each `Compiled.times`: `steps` timed calls over `rounds` rounds."""
+  for c in compiled.values():
+    for _ in range(warmup):
+      c.run()
+  names = list(compiled)
+  rounds = max(1, min(rounds, steps))
+  per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+  for r, n in enumerate(per_round):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:  # rotate who goes first
+      compiled[name].times.extend(compiled[name].run() for _ in range(n))
+
+
+def peak_device_bytes() -> int | None:
+  """The device's peak memory in use, where the backend reports it."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats:
+    return None
+  return int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+  ms = np.asarray(times) * 1e3
+  return {"ms_per_step": round(float(np.median(ms)), 3),
+          "ms_q25": round(float(np.percentile(ms, 25)), 3),
+          "ms_q75": round(float(np.percentile(ms, 75)), 3)}
+
+
+def benchmark_setting(methods: Sequence[str], *, model_name: str,
+                      num_tasks: int, num_classes: int, batch_size: int,
+                      input_shape: Sequence[int], hidden: Sequence[int],
+                      channels: Sequence[int], strides: Sequence[int],
+                      feature_size: int, head_hidden: Sequence[int],
+                      rep_grad: bool, chunk_size: int | None, steps: int,
+                      rounds: int, warmup: int, learning_rate: float,
+                      seed: int) -> list[dict[str, Any]]:
+  """Compiles and times every method at one setting; returns the rows."""
+  tasks = make_tasks(num_tasks, num_classes)
+  model = build.make_hard_sharing_model(
+      tasks, make_trunk(model_name, hidden=hidden, channels=channels,
+                        strides=strides, feature_size=feature_size),
+      head_hidden_sizes=tuple(head_hidden))
+  batch = synthetic_batch(tasks, input_shape, batch_size, seed)
+  compiled, reps = {}, {}
+  for method in methods:
+    if method == BASELINE:
+      if head_hidden:
+        raise ValueError("the hand-written baseline has linear heads; drop "
+                         "--head_hidden or the 'baseline' method")
+      compiled[method] = compile_baseline_step(
+          tasks, batch, input_dim=int(np.prod(input_shape)), hidden=hidden,
+          learning_rate=learning_rate, seed=seed)
+      reps[method] = False
+      continue
+    if (rep_grad and method in aggregation.AGGREGATORS and
+        not aggregation.get_aggregator(method).rep_grad_ok):
+      print(f"# skipping {method}: not valid with --rep_grad", flush=True)
+      continue
+    compiled[method], reps[method] = compile_framework_step(
+        model, tasks, method, batch, rep_grad=rep_grad, chunk_size=chunk_size,
+        learning_rate=learning_rate, seed=seed)
+  time_interleaved(compiled, steps=steps, rounds=rounds, warmup=warmup)
+  peak = peak_device_bytes()
+  rows = []
+  for method, c in compiled.items():
+    rows.append({"method": method, "model": model_name,
+                 "num_tasks": num_tasks, "batch_size": batch_size,
+                 "rep_grad": reps[method], "chunk_size": chunk_size,
+                 **summarize(c.times), "timed_steps": len(c.times),
+                 "compile_s": round(c.compile_s, 3), "peak_bytes": peak,
+                 **c.memory, "backend": jax.default_backend()})
+  ms = {r["method"]: r["ms_per_step"] for r in rows}
+  for r in rows:
+    for ref in (EW, BASELINE):
+      if ref in ms:
+        r[f"ratio_to_{ref}"] = round(r["ms_per_step"] / ms[ref], 3)
+  return rows
+
+
+# --------------------------------------------------------------------------
+# Input pipeline.
+
+
+def default_train_config():
+  from experiments.configs import multi_digits as md_config  # pylint: disable=g-import-not-at-top
+  return md_config.get_config()
+
+
+def build_mixture(data_dir: str, builder_config: str, batch_size: int,
+                  config: Any):
+  """The training mixture of the default experiment (experiments/train.py)."""
+  from mtl_jax.data import catalog  # pylint: disable=g-import-not-at-top
+  from mtl_jax.data import mixture as mixture_lib  # pylint: disable=g-import-not-at-top
+  dataset = catalog.get_dataset(
+      "multi_digits", data_dir=data_dir, builder_config=builder_config,
+      sum_loss=config.data.options.sum_loss)
+  tasks = dataset.tasks.select(
+      [n.strip() for n in config.tasks.split(",") if n.strip()])
+  components = []
+  for component in dataset.train:
+    kept, _ = mixture_lib.split_by_label_fraction(
+        mixture_lib.restrict(component, tasks.names),
+        dict(config.data.label_fractions), config.data.label_seed)
+    components.append(kept)  # drop_unlabelled, as in the default config
+  return mixture_lib.Mixture(components, tasks, batch_size=batch_size,
+                             seed=config.seed), tasks
+
+
+def _examples_per_s(iterator, num_batches: int, batch_size: int) -> float:
+  jax.block_until_ready(next(iterator))  # start-up (thread, first batch)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(next(iterator))
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def benchmark_pipeline(*, data_dir: str, builder_config: str,
+                       num_batches: int, steps: int, rounds: int, warmup: int,
+                       seed: int) -> list[dict[str, Any]]:
+  """Examples/s of the multi_digits mixture against the default train step."""
+  from mtl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = default_train_config()
+  batch_size = config.batch_size
+  mix, tasks = build_mixture(data_dir, builder_config, batch_size, config)
+  common = {"model": "multi_digits", "num_tasks": len(tasks),
+            "batch_size": batch_size, "backend": jax.default_backend()}
+  rows = []
+  rate = _examples_per_s(mix.iterator(), num_batches, batch_size)
+  rows.append({"method": "pipeline/mixture", **common,
+               "examples_per_s": round(rate, 1)})
+  with pipeline.Prefetcher(mix.iterator(), size=config.data.prefetch,
+                           transform=jax.device_put) as it:
+    rate = _examples_per_s(it, num_batches, batch_size)
+  rows.append({"method": "pipeline/prefetch+device_put", **common,
+               "examples_per_s": round(rate, 1)})
+
+  # The default train step: CNN hard sharing, static weights, Adam.
+  m = config.model
+  tasks = tasks_lib.TaskSet([dataclasses.replace(
+      t, weight=float(config.task_weights.get(t.name, 1.0))) for t in tasks])
+  model = build.make_hard_sharing_model(
+      tasks, build.make_trunk("cnn", channels=tuple(m.channels),
+                              strides=tuple(m.strides),
+                              feature_size=m.feature_size,
+                              dropout_rate=m.dropout_rate),
+      head_hidden_sizes=tuple(m.head_hidden_sizes))
+  batch, _ = mix.batch(mix.initial_state())
+  weighting = weighting_lib.get_weighting("static",
+                                          weights=tasks.static_weights)
+  tx = optax.adam(config.optimizer.learning_rate)
+  params = state_lib.init_params(model, batch["inputs"][:1],
+                                 jax.random.PRNGKey(seed))
+  state = state_lib.create_train_state(params, tx, weighting, len(tasks),
+                                       jax.random.PRNGKey(seed + 1))
+  step = step_lib.make_train_step(model.apply, tasks, tx, weighting)
+  compiled = {"train_step/default": _compile(step, state,
+                                             jax.device_put(batch))}
+  time_interleaved(compiled, steps=steps, rounds=rounds, warmup=warmup)
+  c = compiled["train_step/default"]
+  stats = summarize(c.times)
+  step_rate = batch_size / (stats["ms_per_step"] / 1e3)
+  rows.append({"method": "train_step/default", **common, **stats,
+               "compile_s": round(c.compile_s, 3), "peak_bytes":
+               peak_device_bytes(), **c.memory,
+               "examples_per_s": round(step_rate, 1)})
+  for r in rows[:2]:
+    r["ratio_to_train_step"] = round(r["examples_per_s"] / step_rate, 2)
+  return rows
+
+
+# --------------------------------------------------------------------------
+# Output.
+
+
+def plot_scaling(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Step time against the number of tasks, one line per method."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  series: dict[str, list[tuple[int, float]]] = {}
+  for r in rows:
+    if "num_tasks" in r and "ms_per_step" in r and not r["method"].startswith(
+        "train_step/"):
+      label = r["method"] + (" (rep_grad)" if r.get("rep_grad") else "")
+      series.setdefault(label, []).append((r["num_tasks"], r["ms_per_step"]))
+  for label, points in sorted(series.items()):
+    k, ms = zip(*sorted(points))
+    ax.plot(k, ms, marker="o", label=label,
+            linestyle="--" if label.startswith((EW, BASELINE)) else "-")
+  ax.set_xlabel("number of tasks K")
+  ax.set_ylabel("ms per step (median)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ks = sorted({r["num_tasks"] for r in rows if "num_tasks" in r})
+  if ks:
+    ax.set_xticks(ks, [str(k) for k in ks])
+  r0 = rows[0] if rows else {}
+  ax.set_title(f"{r0.get('model', '')} train step, batch "
+               f"{r0.get('batch_size', '')}, {jax.default_backend()}")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _ints(values: Sequence[str]) -> tuple[int, ...]:
+  return tuple(int(v) for v in values if str(v).strip())
+
+
+def run() -> list[dict[str, Any]]:
+  """Runs the benchmark the flags describe; prints and returns the rows."""
+  model = _MODEL.value
+  methods = ([m for m in _METHODS.value if m.strip()]
+             if _METHODS.value is not None else default_methods(model))
+  check_methods(methods, model)
+  input_shape = ((_INPUT_DIM.value,) if model == "mlp"
+                 else _ints(_IMAGE_SHAPE.value))
+  rows: list[dict[str, Any]] = []
+  for k in _ints(_NUM_TASKS.value):
+    if not methods:
+      break
+    setting = benchmark_setting(
+        methods, model_name=model, num_tasks=k,
+        num_classes=_NUM_CLASSES.value, batch_size=_BATCH_SIZE.value,
+        input_shape=input_shape, hidden=_ints(_HIDDEN.value),
+        channels=_ints(_CHANNELS.value), strides=_ints(_STRIDES.value),
+        feature_size=_FEATURE_SIZE.value, head_hidden=_ints(_HEAD_HIDDEN.value),
+        rep_grad=_REP_GRAD.value, chunk_size=_CHUNK_SIZE.value or None,
+        steps=_STEPS.value, rounds=_ROUNDS.value, warmup=_WARMUP.value,
+        learning_rate=_LEARNING_RATE.value, seed=_SEED.value)
+    for r in setting:
+      print(json.dumps(r), flush=True)
+    rows += setting
+  if _PIPELINE.value:
+    for r in benchmark_pipeline(
+        data_dir=_DATA_DIR.value, builder_config=_DATA_CONFIG.value,
+        num_batches=_PIPELINE_BATCHES.value, steps=_STEPS.value,
+        rounds=_ROUNDS.value, warmup=_WARMUP.value, seed=_SEED.value):
+      print(json.dumps(r), flush=True)
+      rows.append(r)
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "benchmark.jsonl"), "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+    plot_scaling(rows, os.path.join(_OUT.value, "step_time_vs_tasks.png"))
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run()
+
+
+if __name__ == "__main__":
+  app.run(main)
