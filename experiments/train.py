@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 from typing import Any, Callable
 
 from absl import app
@@ -41,6 +43,7 @@ from mtl_jax.data import pipeline
 from mtl_jax.models import build as models_build
 from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import distributed
+from mtl_jax.training import guard
 from mtl_jax.training import loop
 from mtl_jax.training import optim
 from mtl_jax.training import parallel as parallel_lib
@@ -65,13 +68,17 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (multi-process).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+    "process counts as dead and the others stop with an error (multi-process).")
 
 # Config fields that may change when a workdir is resumed: they change how a run
 # is logged or how long it lasts, not what it computes.
 # The device layout may change too (resume an 8-GPU run on 4): every layout
 # computes the same numbers, up to float reduction order.
 MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
-              "max_checkpoints_to_keep", "data.data_dir", "data.prefetch",
+              "max_checkpoints_to_keep", "max_nonfinite_streak",
+              "data.data_dir", "data.prefetch",
               "eval_batch_size",
               "parallelism", "sharding", "mesh.data")
 
@@ -102,6 +109,32 @@ def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
     value = config[key]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Range checks of the numeric config fields (names the field)."""
+  def check(key, ok, what):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and ok(value)):
+      raise ValueError(f"config.{key} must be {what}, got {value!r}")
+
+  check("seed", lambda v: v >= 0 and v == int(v), "a non-negative integer")
+  check("optimizer.learning_rate", lambda v: v > 0, "> 0")
+  check("optimizer.warmup_steps", lambda v: v >= 0, ">= 0")
+  check("optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+  check("optimizer.weight_decay", lambda v: v >= 0, ">= 0")
+  check("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: off)")
+  check("model.dropout_rate", lambda v: 0 <= v < 1, "in [0, 1)")
+  for key in ("eval_every", "checkpoint_every"):
+    check(key, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0: never)")
+  for key in ("max_checkpoints_to_keep", "max_nonfinite_streak",
+              "data.prefetch"):
+    check(key, lambda v: v >= 1 and v == int(v), "an integer >= 1")
+  check("data.label_seed", lambda v: v >= 0 and v == int(v),
+        "a non-negative integer")
 
 
 def _check_task_keys(field: str, mapping: dict, valid: tuple[str, ...]) -> None:
@@ -206,6 +239,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                      f"{', '.join(sorted(catalog.DATASETS))}")
   _check_positive(config, "batch_size", "eval_batch_size", "num_steps",
                   "log_every")
+  _check_ranges(config)
   dataset = _load_dataset(config)
   names = tuple(n.strip() for n in config.tasks.split(",") if n.strip())
   weights = dict(config.task_weights)
@@ -324,6 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = build_experiment(config)  # validates before anything compiles
   par = make_parallel(config)
   is_main = jax.process_index() == 0  # only process 0 logs and writes files
+  run_config.check_writable(workdir)
   run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER,
                             write=is_main)
   logging.info("tasks %s; labelled training examples %s; unlabelled pool %d "
@@ -349,29 +384,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        "exactly")
     logging.info("resumed from checkpoint at step %d", par.step_of(state))
 
-  train_step = par.compile_train_step(
+  train_step = par.compile_train_step(guard.skip_nonfinite(
       step_lib.make_train_step(
           exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
           aggregator=exp.aggregator, rep_grad=exp.rep_grad,
           chunk_size=exp.chunk_size, grad_norm_path=exp.grad_norm_path,
           pass_task_presence=exp.pass_task_presence, schedule=exp.schedule,
-          axis_name=par.axis_name), state)
+          axis_name=par.axis_name), exp.tasks.names), state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
   evaluate = make_evaluate(exp, par, state.params)
   batches = pipeline.Prefetcher(exp.train_mixture.iterator(data_state),
                                 size=config.data.prefetch,
                                 transform=par.put_batch)
-  state, final_eval = loop.train_loop(
-      state=state, train_step=train_step, batches=batches,
-      num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
-      evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
-      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-      parallel=par)
-  batches.close()
+  try:
+    state, final_eval = loop.train_loop(
+        state=state, train_step=train_step, batches=batches,
+        num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
+        evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
+        eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+        parallel=par, max_nonfinite_streak=config.max_nonfinite_streak)
+  finally:  # also on an error or pre-emption: stop reading, flush, wait
+    batches.close()
+    writer.close()
+    checkpointer.close()
   if final_eval is None:  # resumed a finished run: evaluate its final state
     final_eval = evaluate(state.params)
-  writer.close()
-  checkpointer.close()
 
   results = {
       "steps": par.step_of(state),
@@ -409,14 +446,19 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value,
-                           process_id=_PROCESS_ID.value)
+                           process_id=_PROCESS_ID.value,
+                           heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
   tfds.disable_progress_bar()  # dataset preparation would print a bar per split
   # Orbax logs every step of every save at INFO; keep the console for progress.
   logging.get_absl_handler().addFilter(
       lambda record: "orbax" not in record.pathname)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
 
 
 if __name__ == "__main__":

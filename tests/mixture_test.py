@@ -939,3 +939,15 @@ def test_batch_slots_are_shuffled():
     comp, rows, state = mix.plan(state)
     unsorted += np.any(np.diff(comp) < 0)
   assert unsorted == 20
+
+
+def test_nan_in_inputs_names_the_source_when_its_batch_is_read():
+  tasks = tasks_lib.TaskSet([tasks_lib.regression_task("y")])
+  x = np.zeros((20, 3), np.float32)
+  x[13, 1] = np.nan  # not among the rows checked at construction
+  arrays = {"inputs": x, "labels": {"y": np.zeros(20, np.float32)},
+            "masks": {"y": np.ones(20, np.float32)}}
+  mix = mixture.Mixture([mixture.array_component("scans", arrays)], tasks,
+                        batch_size=20, seed=0)
+  with pytest.raises(ValueError, match=r"source 'scans'.*NaN or Inf"):
+    next(mix.iterator())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,20 @@ def test_workdir_of_a_different_config_is_refused(small_data_dir, tmp_path):
     (dict(**{"data.name": "mnist"}), r"unknown dataset 'mnist'; valid: celeb_a, conll2003, .*multi_digits"),
     (dict(batch_size=0), r"config.batch_size must be a positive integer"),
     (dict(**{"data.label_fractions.left": 1.5}), r"left.*1.5"),
+    (dict(**{"optimizer.learning_rate": -1.0}),
+     r"config.optimizer.learning_rate must be > 0, got -1.0"),
+    (dict(**{"model.dropout_rate": 1.5}),
+     r"config.model.dropout_rate must be in \[0, 1\), got 1.5"),
+    (dict(max_nonfinite_streak=0),
+     r"config.max_nonfinite_streak must be an integer >= 1, got 0"),
+    (dict(**{"data.mixture.method": "zipf"}),
+     r"unknown mixing method 'zipf'; valid: explicit, proportional"),
+    (dict(**{"data.mixture.composition": "mixed"}),
+     r"unknown composition 'mixed'; valid: sampled, fixed"),
+    (dict(**{"data.options.builder_config": "huge"}),
+     r"Unknown multi_digits config 'huge'; valid configs are"),
+    (dict(**{"data.label_fractions.colour": 0.5}),
+     r"config.data.label_fractions names unknown task\(s\) \['colour'\]"),
 ])
 def test_bad_config_fails_before_training(small_data_dir, tmp_path, overrides,
                                           message):
@@ -118,6 +133,19 @@ def test_bad_config_fails_before_training(small_data_dir, tmp_path, overrides,
   with pytest.raises((ValueError, KeyError), match=message):
     train.run(tiny_config(small_data_dir, **overrides), workdir)
   assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_workdir_fails_before_training(small_data_dir, tmp_path,
+                                                  where):
+  if where == "under_a_file":  # a file where a directory must go
+    (tmp_path / "file").write_text("x")
+    workdir = str(tmp_path / "file" / "run")
+  else:  # a read-only file system, even for root
+    workdir = "/proc/mtl_jax_run"
+  with pytest.raises(PermissionError,
+                     match=f"workdir '{re.escape(workdir)}' is not writable"):
+    train.run(tiny_config(small_data_dir), workdir)
 
 
 def _cli(args, cwd=REPO):

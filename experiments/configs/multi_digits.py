@@ -113,4 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.checkpoint_every = 1000
   config.max_checkpoints_to_keep = 2
+  # Steps with a NaN/Inf loss or update are skipped; this many in a row stop
+  # the run with an error naming the tasks.
+  config.max_nonfinite_streak = 10
   return config

@@ -17,7 +17,8 @@ import jax
 def initialize(*, coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None,
-               initialization_timeout: int = 300) -> None:
+               initialization_timeout: int = 300,
+               heartbeat_timeout: int = 100) -> None:
   """Joins this process to a multi-process JAX run.
 
   Must run before anything touches a JAX device. On CPU, collectives across
@@ -29,6 +30,9 @@ def initialize(*, coordinator_address: str | None = None,
     num_processes: total number of processes; None to detect.
     process_id: this process's index in `[0, num_processes)`; None to detect.
     initialization_timeout: seconds to wait for all processes to join.
+    heartbeat_timeout: seconds without a heartbeat after which the
+      coordination service declares a process dead; every other process then
+      stops with an error instead of hanging in a collective.
 
   Raises:
     ValueError: only some of the explicit arguments given, or a process id out
@@ -48,7 +52,8 @@ def initialize(*, coordinator_address: str | None = None,
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes,
                              process_id=process_id,
-                             initialization_timeout=initialization_timeout)
+                             initialization_timeout=initialization_timeout,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
   logging.info("process %d of %d; %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

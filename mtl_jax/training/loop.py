@@ -10,10 +10,13 @@ metrics to a `MetricWriter`.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mtl_jax.training import writers
@@ -22,27 +25,39 @@ from mtl_jax.training.parallel import DataParallel
 from mtl_jax.training.state import TrainState
 
 
+def _local(value: Any) -> np.ndarray:
+  """A replicated step output (also across processes) as a host array."""
+  if isinstance(value, jax.Array):
+    return np.asarray(value.addressable_shards[0].data)
+  return np.asarray(value)
+
+
 def summarize_train_metrics(history: Sequence[Mapping[str, Any]],
                             task_names: Sequence[str]) -> dict[str, float]:
   """Averages per-step train metrics over a logging interval.
 
-  A task's loss is averaged over the steps in which it had labels (a step
-  without labels reports loss 0, which is no measurement); its count is summed.
+  Steps skipped for a non-finite loss or update (metric "nonfinite" = 1) are
+  left out of every average and counted in "nonfinite_steps". A task's loss is
+  averaged over the steps in which it had labels (a step without labels
+  reports loss 0, which is no measurement); its count is summed.
   """
-  # Step outputs are replicated scalars (also across processes): read the
-  # local copy.
-  history = [{k: np.asarray(v.addressable_shards[0].data)
-              if isinstance(v, jax.Array) else np.asarray(v)
-              for k, v in h.items()} for h in history]
-  keys = history[0].keys()
-  out = {k: float(np.mean([h[k] for h in history])) for k in keys}
+  history = [{k: _local(v) for k, v in h.items()} for h in history]
+  skipped = np.array([float(h.get("nonfinite", 0.0)) for h in history]) > 0
+  kept = [h for h, s in zip(history, skipped) if not s]
+  keys = [k for k in history[0].keys()
+          if k not in ("nonfinite", "nonfinite_streak")
+          and not k.endswith("/nonfinite")]
+  out = {k: float(np.mean([h[k] for h in kept])) if kept else float("nan")
+         for k in keys}
   for name in task_names:
-    counts = np.array([h[f"{name}/count"] for h in history])
-    losses = np.array([h[f"{name}/loss"] for h in history])
+    counts = np.array([h[f"{name}/count"] for h in kept])
+    losses = np.array([h[f"{name}/loss"] for h in kept])
     present = counts > 0
     out[f"{name}/count"] = float(counts.sum())
     out[f"{name}/loss"] = (float(losses[present].mean()) if present.any()
                            else float("nan"))
+  if "nonfinite" in history[0]:
+    out["nonfinite_steps"] = float(skipped.sum())
   return out
 
 
@@ -59,6 +74,57 @@ def check_finite(scalars: Mapping[str, float], task_names: Sequence[str],
         "inputs and labels of these tasks")
 
 
+class Preempted(Exception):
+  """The run got SIGTERM; a checkpoint of `step` was saved before stopping."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step};"
+                     " run the same command again to resume")
+    self.step = step
+
+
+class _SigtermFlag:
+  """Sets a flag on SIGTERM while active (main thread, one process only).
+
+  Multi-process runs instead ask JAX's preemption service, which every
+  process reaches at the same step (`reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self._flag = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> "_SigtermFlag":
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM,
+                                     lambda *_: self._flag.set())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption service in this cluster set-up
+        return False
+    return self._flag.is_set()
+
+
+def _raise_nonfinite(metrics: Mapping[str, Any], task_names: Sequence[str],
+                     step: int, limit: int) -> None:
+  tasks = [n for n in task_names
+           if f"{n}/nonfinite" in metrics and _local(metrics[f"{n}/nonfinite"])]
+  raise FloatingPointError(
+      f"{limit} consecutive train steps up to step {step} had a non-finite "
+      f"(NaN/Inf) {'loss for task(s) ' + str(tasks) if tasks else 'update'} "
+      "and were skipped; lower the learning rate or check the inputs and "
+      "labels of these tasks")
+
+
 def train_loop(*, state: TrainState,
                train_step: Callable[[TrainState, Any], tuple[TrainState, dict]],
                batches: Iterator[Any], num_steps: int,
@@ -66,28 +132,43 @@ def train_loop(*, state: TrainState,
                evaluate: Callable[[Any], dict[str, float]] | None = None,
                checkpointer: Checkpointer | None = None, log_every: int = 100,
                eval_every: int = 0, checkpoint_every: int = 0,
-               parallel: DataParallel | None = None
+               parallel: DataParallel | None = None,
+               max_nonfinite_streak: int = 10,
                ) -> tuple[TrainState, dict[str, float] | None]:
   """Runs `train_step` from `state.step` up to `num_steps`.
 
   Args:
     state: the (fresh or restored) state; training continues from `state.step`.
-    train_step: the compiled step.
+    train_step: the compiled step. If it is wrapped by
+      `guard.skip_nonfinite`, non-finite steps are skipped and the run stops
+      after `max_nonfinite_streak` consecutive ones; otherwise a non-finite
+      logged loss stops it.
     batches: the train batches from `state.step` on (device or host arrays);
       if it has `get_state()`, that state is saved with every checkpoint.
     num_steps: the total number of steps of the run.
     task_names: task order, for per-task summaries.
     writer: where train/eval scalars go.
     evaluate: `params -> {"<task>/<metric>": value}` on the test split.
-    checkpointer: saves every `checkpoint_every` steps and at the end.
+    checkpointer: saves every `checkpoint_every` steps, at the end, and when
+      the process gets SIGTERM (pre-emption).
     log_every, eval_every, checkpoint_every: intervals in steps (0: never,
       except that the last step is always logged, evaluated and saved).
     parallel: how `state` is placed (pmap stacks a replica per device); None
       for a plain single-device state.
+    max_nonfinite_streak: consecutive skipped steps that stop the run (>= 1).
 
   Returns:
     The final state and the last evaluation (None without `evaluate`).
+
+  Raises:
+    FloatingPointError: too many consecutive non-finite steps (names the
+      tasks).
+    Preempted: SIGTERM arrived; the checkpoint of the last finished step was
+      written first.
   """
+  if max_nonfinite_streak < 1:
+    raise ValueError(f"max_nonfinite_streak must be >= 1, got "
+                     f"{max_nonfinite_streak}")
   start = parallel.step_of(state) if parallel else int(state.step)
   progress = writers.Progress(start, num_steps)
   history: list[dict] = []
@@ -95,31 +176,70 @@ def train_loop(*, state: TrainState,
   summary_keys = ("loss",) + tuple(f"{n}/loss" for n in task_names)
   if start >= num_steps:
     logging.info("nothing to do: state is at step %d of %d", start, num_steps)
-  for step in range(start, num_steps):
-    state, metrics = train_step(state, next(batches))
-    history.append(metrics)
-    done = step + 1
-    last = done == num_steps
-    if last or (log_every and done % log_every == 0):
-      scalars = summarize_train_metrics(history, task_names)
-      history = []
-      check_finite(scalars, task_names, done)
-      scalars.update(progress.update(done))
-      writer.write(done, scalars, split="train")
-      logging.info(writers.format_progress(done, num_steps, scalars,
-                                           summary_keys))
-    if evaluate is not None and (last or (eval_every and done % eval_every == 0)):
-      last_eval = evaluate(state.params)
-      writer.write(done, last_eval, split="eval")
-      logging.info("eval @ %d: %s", done, ", ".join(
-          f"{k}={v:.4g}" for k, v in sorted(last_eval.items())
-          if not k.endswith("/count")))
-    if checkpointer is not None and (
-        last or (checkpoint_every and done % checkpoint_every == 0)):
-      checkpointer.save(
-          done, parallel.for_checkpoint(state) if parallel else state,
-          data_state=batches.get_state() if hasattr(batches, "get_state")
-          else None)
+
+  def save(done: int) -> None:
+    checkpointer.save(
+        done, parallel.for_checkpoint(state) if parallel else state,
+        data_state=batches.get_state() if hasattr(batches, "get_state")
+        else None)
+
+  pending = None  # (step, metrics) checked one step late: no device sync
+  with _SigtermFlag() as sigterm:
+    for step in range(start, num_steps):
+      state, metrics = train_step(state, next(batches))
+      if pending is not None:
+        _check_streak(*pending, task_names, max_nonfinite_streak)
+      pending = (step + 1, metrics)
+      history.append(metrics)
+      done = step + 1
+      last = done == num_steps
+      if last or (log_every and done % log_every == 0):
+        _check_streak(*pending, task_names, max_nonfinite_streak)
+        pending = None
+        scalars = summarize_train_metrics(history, task_names)
+        history = []
+        if "nonfinite" not in metrics:
+          check_finite(scalars, task_names, done)
+        scalars.update(progress.update(done))
+        writer.write(done, scalars, split="train")
+        logging.info(writers.format_progress(done, num_steps, scalars,
+                                             summary_keys))
+      if evaluate is not None and (last or (eval_every and
+                                            done % eval_every == 0)):
+        last_eval = evaluate(state.params)
+        writer.write(done, last_eval, split="eval")
+        logging.info("eval @ %d: %s", done, ", ".join(
+            f"{k}={v:.4g}" for k, v in sorted(last_eval.items())
+            if not k.endswith("/count")))
+      if checkpointer is not None and (
+          last or (checkpoint_every and done % checkpoint_every == 0)):
+        save(done)
+      if not last and sigterm.should_stop(done):
+        logging.warning("SIGTERM at step %d: saving a checkpoint and stopping",
+                        done)
+        if checkpointer is not None:
+          if checkpointer.latest_step() != done:
+            save(done)
+          checkpointer.wait()
+        raise Preempted(done)
+    if pending is not None:
+      _check_streak(*pending, task_names, max_nonfinite_streak)
   if checkpointer is not None:
     checkpointer.wait()
   return state, last_eval
+
+
+def _check_streak(step: int, metrics: Mapping[str, Any],
+                  task_names: Sequence[str], limit: int) -> None:
+  """Warns about a skipped step; raises once `limit` are consecutive."""
+  if "nonfinite_streak" not in metrics:
+    return
+  streak = int(_local(metrics["nonfinite_streak"]))
+  if not streak:
+    return
+  if streak >= limit:
+    _raise_nonfinite(metrics, task_names, step, limit)
+  tasks = [n for n in task_names if _local(metrics[f"{n}/nonfinite"])]
+  logging.warning("step %d: non-finite %s; update skipped (%d in a row)",
+                  step, f"loss for task(s) {tasks}" if tasks else "update",
+                  streak)

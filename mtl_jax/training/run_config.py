@@ -1,9 +1,10 @@
-"""Guards a workdir against being resumed with a different configuration."""
+"""Guards a workdir: writable, and never resumed with a different configuration."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Iterable, Mapping
 
 CONFIG_FILE = "config.json"
@@ -18,6 +19,23 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[path] = list(value) if isinstance(value, tuple) else value
   return out
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it.
+
+  Raises:
+    PermissionError: the directory cannot be created or written (read-only
+      file system, permissions, a file in the way); names the directory.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise PermissionError(
+        f"workdir {workdir!r} is not writable ({e.strerror or e}); choose "
+        "another --workdir or fix its permissions. Nothing was trained.") from e
 
 
 def check_or_write(workdir: str, config: Mapping[str, Any],

@@ -24,6 +24,8 @@ class TrainState(flax.struct.PyTreeNode):
     aggregation_state: the gradient aggregator's state (`()` without one).
     rng: base PRNG key (raw uint32 `[2]`); the step folds in `step`, so the key
       used at step s is the same whether or not the run was resumed.
+    nonfinite_streak: how many consecutive steps up to now had a NaN/Inf loss
+      or update and were skipped (int32 scalar; see `guard.skip_nonfinite`).
   """
 
   step: jax.Array
@@ -32,6 +34,7 @@ class TrainState(flax.struct.PyTreeNode):
   weighting_state: Any
   aggregation_state: Any
   rng: jax.Array
+  nonfinite_streak: jax.Array
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
@@ -44,7 +47,7 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
       opt_state=optimizer.init(params),
       weighting_state=weighting.init(num_tasks),
       aggregation_state=aggregator.init(num_tasks) if aggregator else (),
-      rng=rng)
+      rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
 def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:
