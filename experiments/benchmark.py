@@ -62,49 +62,61 @@ from mtl_jax.models import build
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
 
-_MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "Shared trunk.")
-_INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "MLP input size.")
-_HIDDEN = flags.DEFINE_list("hidden", ["512", "512", "256"],
-                            "MLP hidden sizes (the last is the feature size).")
-_IMAGE_SHAPE = flags.DEFINE_list("image_shape", ["12", "16", "1"],
-                                 "CNN input shape (default: multi_digits).")
-_CHANNELS = flags.DEFINE_list("channels", ["32", "64", "64"],
-                              "CNN channels (default: the experiment's).")
-_STRIDES = flags.DEFINE_list("strides", ["1", "2", "1"], "CNN strides.")
-_FEATURE_SIZE = flags.DEFINE_integer("feature_size", 256, "CNN feature size.")
-_HEAD_HIDDEN = flags.DEFINE_list("head_hidden", [],
-                                 "Hidden sizes of each task head.")
-_NUM_TASKS = flags.DEFINE_list("num_tasks", ["4"],
-                               "Numbers of tasks K (a list: a scaling sweep).")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes per task.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Batch size.")
+# The benchmark's own flag registry: its flag names (--methods, --steps, --out)
+# are also defined by other experiment scripts, which tests import into the
+# same process; absl's global registry would refuse the duplicates.
+FLAGS = flags.FlagValues()
+
+_F = dict(flag_values=FLAGS)
+_MODEL = flags.DEFINE_enum("model", "mlp", ["mlp", "cnn"], "Shared trunk.",
+                           **_F)
+_INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "MLP input size.", **_F)
+_HIDDEN = flags.DEFINE_list("hidden", ["512", "512", "256"], "MLP hidden "
+                            "sizes (the last is the feature size).", **_F)
+_IMAGE_SHAPE = flags.DEFINE_list("image_shape", ["12", "16", "1"], "CNN input "
+                                 "shape (default: multi_digits).", **_F)
+_CHANNELS = flags.DEFINE_list("channels", ["32", "64", "64"], "CNN channels "
+                              "(default: the experiment's).", **_F)
+_STRIDES = flags.DEFINE_list("strides", ["1", "2", "1"], "CNN strides.", **_F)
+_FEATURE_SIZE = flags.DEFINE_integer("feature_size", 256, "CNN feature size.",
+                                     **_F)
+_HEAD_HIDDEN = flags.DEFINE_list("head_hidden", [], "Hidden sizes of each "
+                                 "task head.", **_F)
+_NUM_TASKS = flags.DEFINE_list("num_tasks", ["4"], "Numbers of tasks K (a "
+                               "list: a scaling sweep).", **_F)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes per task.",
+                                    **_F)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Batch size.", **_F)
 _METHODS = flags.DEFINE_list(
     "methods", None, "Methods to time (default: baseline for the MLP, ew, "
-    "every aggregator and gradnorm).")
+    "every aggregator and gradnorm).", **_F)
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per method and "
-                              "setting.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds the timed "
-                               "steps are split into.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+                              "setting.", **_F)
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Interleaved rounds the timed "
+                               "steps are split into.", **_F)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.",
+                               **_F)
 _REP_GRAD = flags.DEFINE_bool(
     "rep_grad", False, "Aggregate gradients w.r.t. the shared representation "
-    "(aggregators that do not support it are skipped).")
+    "(aggregators that do not support it are skipped).", **_F)
 _CHUNK_SIZE = flags.DEFINE_integer(
     "chunk_size", 0, "Map the per-task VJP over chunks of this many tasks "
-    "(0: all tasks in one vmap).")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam step size.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the params and the batch.")
+    "(0: all tasks in one vmap).", **_F)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam step size.",
+                                    **_F)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the params and the batch.",
+                             **_F)
 _PIPELINE = flags.DEFINE_bool(
     "pipeline", False, "Also measure the multi_digits input pipeline against "
-    "the default train step.")
+    "the default train step.", **_F)
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data directory "
-                                "of multi_digits (prepared if missing).")
-_DATA_CONFIG = flags.DEFINE_string("data_config", "default",
-                                   "multi_digits builder config.")
-_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200,
-                                         "Batches read per pipeline timing.")
+                                "of multi_digits (prepared if missing).", **_F)
+_DATA_CONFIG = flags.DEFINE_string("data_config", "default", "multi_digits "
+                                   "builder config.", **_F)
+_PIPELINE_BATCHES = flags.DEFINE_integer(
+    "pipeline_batches", 200, "Batches read per pipeline timing.", **_F)
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.jsonl and "
-                           "step_time_vs_tasks.png.")
+                           "step_time_vs_tasks.png.", **_F)
 
 BASELINE = "baseline"
 EW = "ew"
@@ -531,11 +543,27 @@ def run() -> list[dict[str, Any]]:
   return rows
 
 
-def main(argv):
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """Parses `argv` into the benchmark's flags (absl's own into absl's).
+
+  Returns:
+    The positional arguments (`argv[0]` first).
+  """
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(__doc__)
+    print(FLAGS.get_help())
+    raise SystemExit(0)
+  rest = flags.FLAGS(list(argv), known_only=True)  # logging flags etc.
+  FLAGS.unparse_flags()
+  return FLAGS(rest)
+
+
+def main(argv: Sequence[str]) -> list[dict[str, Any]]:
+  """Runs the benchmark; `argv` is what `parse_flags` left (as in `app.run`)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run()
+  return run()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -376,12 +376,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)
   if checkpointer.latest_step() is not None:
-    state = par.from_checkpoint(checkpointer.restore(par.for_checkpoint(state)))
-    data_state = checkpointer.data_state()
+    step, restored, data_state = checkpointer.restore_with_data(
+        par.for_checkpoint(state))
+    state = par.from_checkpoint(restored)
     if data_state is None:
-      raise ValueError(f"checkpoint {checkpointer.latest_step()} in {workdir} "
-                       "has no data iterator state; it cannot be resumed "
-                       "exactly")
+      raise ValueError(f"checkpoint {step} in {workdir} has no data iterator "
+                       "state; it cannot be resumed exactly")
+    if is_main:  # steps logged after the checkpoint will be logged again
+      writers.truncate_jsonl(os.path.join(workdir, writers.JSONL_FILE), step)
     logging.info("resumed from checkpoint at step %d", par.step_of(state))
 
   train_step = par.compile_train_step(guard.skip_nonfinite(

@@ -115,3 +115,4 @@ def test_persistent_nonfinite_loss_stops_naming_the_task(tmp_path):
 def test_limit_must_be_positive(tmp_path):
   with pytest.raises(ValueError, match="max_nonfinite_streak"):
     _loop([], num_steps=1, tmp_path=tmp_path, limit=0)
+

@@ -84,14 +84,51 @@ def gram(grads: jax.Array) -> jax.Array:
   return jnp.matmul(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
 
 
+def power_of_two_scale(grads: jax.Array) -> jax.Array:
+  """A power of two `s` with `max|grads| / s` in `[0.5, 1)` (1 if all zero).
+
+  Scale-invariant methods compute their Gram matrix on `grads / s`: the
+  division is exact, and `G G^T` then neither overflows (|g| >~ 1e19 in
+  float32) nor underflows to zero (|g| <~ 1e-19), which would give NaN or a
+  zero direction for gradients that are merely large or small.
+  """
+  amax = jnp.max(jnp.abs(grads)).astype(jnp.float32)
+  _, exponent = jnp.frexp(amax)
+  ok = jnp.isfinite(amax) & (amax > 0)
+  return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), exponent), 1.0)
+
+
+def _to_row_layout(x: jax.Array) -> jax.Array:
+  """A `[K, a, b]` leaf as `[K, b, a]`; other ranks unchanged.
+
+  The per-task gradient of a dense kernel `W [a, b]` in `y = x W` comes out of
+  the batched VJP's matmul as `[K, b, a]` (`delta_k^T x`); JAX transposes it to
+  `[K, a, b]`, which XLA materialises as a copy of the whole Jacobian block.
+  Raveling the kernel in `[b, a]` order makes that transpose cancel: the
+  Jacobian is built with one copy fewer, and only the `[P]` direction is
+  transposed back. The order of coordinates inside a row is irrelevant to
+  every aggregator (Gram matrices and linear combinations do not see it).
+  """
+  return jnp.swapaxes(x, -1, -2) if x.ndim == 3 else x
+
+
 def flatten_task_grads(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   """Flattens a pytree of `[K, ...]` leaves into `[K, P]`.
+
+  Two-dimensional leaves (dense kernels) are raveled transposed (see
+  `_to_row_layout`); `unflatten` undoes it.
 
   Returns:
     `(matrix [K, P], unflatten)`, where `unflatten(direction [P])` rebuilds a
     pytree shaped like one task's gradient.
   """
-  one = jax.tree.map(lambda x: x[0], tree)
-  _, unflatten = ravel_pytree(one)
-  matrix = jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
+  rows = jax.tree.map(_to_row_layout, tree)
+  _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], rows))
+  matrix = jax.vmap(lambda t: ravel_pytree(t)[0])(rows)
+  transposed = jax.tree.map(lambda x: x.ndim == 3, tree)
+
+  def unflatten(direction: jax.Array) -> Any:
+    return jax.tree.map(lambda x, t: jnp.swapaxes(x, -1, -2) if t else x,
+                        unravel(direction), transposed)
+
   return matrix, unflatten

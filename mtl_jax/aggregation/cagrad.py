@@ -198,7 +198,11 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Aggregator:
     del losses, rng
     k = grads.shape[0]
     present = base.present_mask(counts, k)
-    g = base.zero_absent(grads, present)  # [K, P]
+    # d is positively homogeneous in G: solve on G / s (an exact power of two)
+    # so that the Gram matrix and the norms stay in float32 range, and scale
+    # the result back.
+    scale = base.power_of_two_scale(grads).astype(grads.dtype)
+    g = base.zero_absent(grads / scale, present)  # [K, P]
     w = cagrad_weights(base.gram(g), present, c=c)  # [K]
     num_present = jnp.maximum(jnp.sum(present), 1)
     b = present.astype(jnp.float32) / num_present  # [K]
@@ -209,6 +213,7 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Aggregator:
     gw_norm = jnp.linalg.norm(gw.astype(jnp.float32))
     lam = jnp.where(gw_norm > 0, c * g0_norm / jnp.where(gw_norm > 0,
                                                          gw_norm, 1.0), 0.0)
-    return ((g0 + lam.astype(g.dtype) * gw) / divisor).astype(grads.dtype)
+    return (scale * ((g0 + lam.astype(g.dtype) * gw) / divisor)).astype(
+        grads.dtype)
 
   return base.stateless(aggregate, rep_grad_ok=False)

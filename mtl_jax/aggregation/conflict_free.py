@@ -38,7 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import Aggregator, gram, present_mask, stateless
+from mtl_jax.aggregation.base import (Aggregator, gram, power_of_two_scale,
+                                     present_mask, stateless)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -88,7 +89,10 @@ def config() -> Aggregator:
     del losses, rng
     present = present_mask(counts, grads.shape[0])  # [K]
     mask2 = present[:, None] & present[None, :]
-    gm = jnp.where(mask2, gram(grads), 0.0)  # [K, K]
+    # The weights are scale-invariant: an exact power-of-two rescaling keeps
+    # the Gram matrix in float32 range for huge or tiny gradients.
+    scaled = grads / power_of_two_scale(grads).astype(grads.dtype)
+    gm = jnp.where(mask2, gram(scaled), 0.0)  # [K, K]
     return jnp.matmul(config_weights(gm, present), grads,
                       precision=_HIGHEST)  # [P]
 

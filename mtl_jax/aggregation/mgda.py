@@ -108,11 +108,16 @@ def mgda(normalization: str = "none", apply_to: str = "normalized"
     k = grads.shape[0]
     present = base.present_mask(counts, k)
     g = base.zero_absent(grads, present)  # [K, P]
-    m = base.gram(g).astype(jnp.float32)  # [K, K]
+    # The Gram matrix of G / s (s an exact power of two) stays in float32
+    # range for huge or tiny gradients; alpha is invariant to s.
+    scale = base.power_of_two_scale(g)
+    m = base.gram(g / scale.astype(g.dtype)).astype(jnp.float32)  # [K, K]
     n = gradient_normalizers(jnp.diagonal(m), losses, normalization)  # [K]
     # Gram matrix of the normalised gradients, without forming them.
     alpha = solvers.min_norm_simplex(m / jnp.outer(n, n), present)  # [K]
     weights = alpha / n if apply_to == "normalized" else alpha
+    if apply_to == "normalized" and normalization in ("l2", "loss+"):
+      weights = weights / scale  # n holds the norms of G / s, not of G
     return jnp.matmul(weights.astype(g.dtype), g, precision=_HIGHEST)
 
   return base.stateless(aggregate, rep_grad_ok=True)

@@ -106,13 +106,18 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
                         step=jnp.zeros((), jnp.int32))
 
   def solve(g, present, old_alpha):
-    m = base.gram(g).astype(jnp.float32)  # [K, K]
+    # The Gram matrix of G / s (s an exact power of two) stays in float32
+    # range for huge or tiny gradients; the exact weights scale as 1 / s.
+    scale = base.power_of_two_scale(g)
+    m = base.gram(g / scale.astype(g.dtype)).astype(jnp.float32)  # [K, K]
     active = present & (jnp.diagonal(m) > 0)  # [K]
     m = jnp.where(active[:, None] & active[None, :], m, 0.0)
     if gram_normalization == "frobenius":
       fro = _frobenius(m)
       m = m / jnp.where(fro > 0, fro, 1.0)
     alpha = solvers.nash_bargaining(m, active)
+    if gram_normalization != "frobenius":
+      alpha = alpha / scale
     return jnp.where(active, alpha, old_alpha)
 
   def update(grads, state, *, losses=None, counts=None, rng=None):
@@ -126,7 +131,11 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
     weights = jnp.where(present, alpha, 0.0)
     direction = jnp.matmul(weights.astype(g.dtype), g, precision=_HIGHEST)
     if max_norm > 0:
-      norm = jnp.linalg.norm(direction.astype(jnp.float32))
+      # Rescaled so that the squares cannot overflow (|d| >~ 1e19) to inf,
+      # which would clip the direction to 0.
+      dscale = base.power_of_two_scale(direction)
+      norm = dscale * jnp.linalg.norm(
+          direction.astype(jnp.float32) / dscale)
       coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
       direction = direction * coef.astype(direction.dtype)
     return direction, NashMTLState(alpha=alpha, step=state.step + 1)

@@ -159,9 +159,9 @@ class Checkpointer:
   def data_state(self, step: int | None = None) -> Any:
     """The data iterator state saved with checkpoint `step` (latest by default).
 
-    Without `step`, an unreadable latest data state falls back to an older
-    checkpoint's; to pair it with the state of the same step, use
-    `restore_with_data`.
+    Without `step`: the latest readable one, not counting the checkpoints a
+    `restore` fell back past; to be sure that it belongs to the restored
+    state, use `restore_with_data`.
 
     Returns:
       The JSON value given to `save`, or None if that checkpoint has none.
@@ -254,7 +254,7 @@ class Checkpointer:
     process calls this), the processes agree on the oldest step any of them
     found, and the skipped newer steps are superseded.
     """
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    steps = self.all_steps()[::-1]  # not the steps a fallback skipped
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     failures: dict[int, BaseException] = {}
@@ -288,7 +288,8 @@ class Checkpointer:
                       "unreadable step(s) %s", found, self.directory,
                       sorted(failures))
     if collective:
-      self._superseded = [s for s in steps if s > found]
+      self._superseded = sorted(set(self._superseded).union(
+          s for s in steps if s > found))
     return found, result
 
   def _delete_superseded(self, step: int) -> None:

@@ -15,6 +15,9 @@ def _to_float(value: Any) -> float:
   return float(value)
 
 
+JSONL_FILE = "metrics.jsonl"
+
+
 class MetricWriter:
   """Appends `{"step": s, "split": ..., **scalars}` lines to `metrics.jsonl` and
   writes the same scalars as TensorBoard events under `<workdir>/tb`.
@@ -26,7 +29,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl_path = os.path.join(workdir, JSONL_FILE)
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -80,8 +83,37 @@ def format_progress(step: int, total: int, scalars: Mapping[str, float],
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics JSONL file.
+
+  A last line cut off by a crash (no newline, not valid JSON) is ignored.
+  """
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:  # the unfinished last line
+        break
+      raise
+  return records
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+  """Drops the records of steps after `step` (and a cut-off last line).
+
+  A run resumed from the checkpoint of `step` logs the later steps again;
+  without this they would appear twice. The file is replaced atomically.
+  """
+  if not os.path.exists(path):
+    return
+  kept = [r for r in read_jsonl(path) if r["step"] <= step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(path + ".tmp", path)
 
 
 def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],

@@ -82,8 +82,11 @@ def dwa(temperature: float = 2.0, window: int = 1) -> Weighting:
     known = (state.num_windows >= 2) & (state.before_last != 0)  # [K]
     ratio = jnp.where(known, state.last / jnp.where(known, state.before_last,
                                                     1.0), 1.0)  # [K]
+    # A huge ratio (e.g. 1e30 / 1e-30) overflows to inf, and inf - inf in the
+    # softmax would give NaN; the largest finite logit gives the same limit.
+    logits = jnp.minimum(ratio / temperature, jnp.finfo(jnp.float32).max)
     weights = masking.num_present(present) * masking.masked_softmax(
-        ratio / temperature, present)  # [K]
+        logits, present)  # [K]
 
     window_sum = jnp.where(present, state.window_sum + losses,
                            state.window_sum)

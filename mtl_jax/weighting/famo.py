@@ -118,9 +118,9 @@ def famo(learning_rate: float = 0.025, gamma: float = 1e-3,
     del rng, grad_norms
     present = masking.present_mask(counts)  # [K]
     l = shifted(losses, present)  # [K]
-    z = masking.masked_softmax(state.logits, present)  # [K], 0 if absent
-    c = jnp.sum(z / l)
-    weights = z / (jnp.where(c > 0, c, 1.0) * l)  # [K]
+    # w_k = z_k / (c l_k) = softmax(xi - log l)_k, computed in log space: the
+    # direct z / l underflows to 0 for huge losses (l ~ 3e38), and c with it.
+    weights = masking.masked_softmax(state.logits - jnp.log(l), present)  # [K]
     prev_losses = jnp.where(present, losses, state.prev_losses)
     return weights, state._replace(prev_losses=prev_losses)
 

@@ -112,11 +112,20 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025,
     known = initial_losses != 0
     train_rate = jnp.where(
         known, losses / jnp.where(known, initial_losses, 1.0), 1.0)  # [K]
+    # Only ratios of train rates matter: divide by the largest (capped at the
+    # largest float, as L / L0 overflows for e.g. 1e30 / 1e-30) so that the
+    # mean cannot overflow and inf / inf cannot make NaN weights.
+    train_rate = jnp.minimum(train_rate, jnp.finfo(jnp.float32).max)
+    peak = jnp.max(jnp.where(present, train_rate, 0.0))
+    train_rate = train_rate / jnp.where(peak > 0, peak, 1.0)
     mean_rate = masking.masked_mean(train_rate, present)
     inverse_rate = train_rate / jnp.where(mean_rate != 0, mean_rate, 1.0)
     inverse_rate = jnp.where(present, inverse_rate, 1.0)  # [K]
 
-    norms = w * grad_norms  # [K] G_k
+    # Only the signs of G_k - target_k are used, and they do not depend on the
+    # norms' scale: compare G_k / max_j g_j, whose mean cannot overflow.
+    peak_norm = jnp.max(jnp.where(present, grad_norms, 0.0))
+    norms = w * (grad_norms / jnp.where(peak_norm > 0, peak_norm, 1.0))  # [K]
     target = masking.masked_mean(norms, present) * inverse_rate**alpha  # [K]
     grads = jnp.where(present, jnp.sign(norms - target) * grad_norms, 0.0)
     new_w, opt_state = masking.masked_step(optimizer, grads, state.opt_state,
