@@ -493,7 +493,8 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str) -> None:
   ax.set_title(f"{r0.get('model', '')} train step, batch "
                f"{r0.get('batch_size', '')}, {jax.default_backend()}")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  if series:
+    ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -41,10 +41,11 @@ from mtl_jax import losses as losses_lib
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import weighting
 
-settings = hypothesis.settings(max_examples=25, deadline=None)
+# Deterministic (tests/ must be), and small enough for a loaded 2-core CPU.
+settings = hypothesis.settings(max_examples=25, deadline=None,
+                               derandomize=True)
 
 SUBNORMAL = float(np.float32(1e-45))  # the smallest positive float32
-MAX32 = float(np.finfo(np.float32).max)  # ~3.4e38
 EXTREME_MAGNITUDES = [0.0, SUBNORMAL, 1e-38, 1e-30, 1e-8, 1.0, 1e8, 1e30, 3e38]
 GARBAGE = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e30, SUBNORMAL, 0.0]
 
@@ -203,7 +204,10 @@ def test_loss_closed_forms_at_zero(name, data):
     pred = data.draw(f32_arrays((B, C), -3e38, 3e38, GARBAGE[3:]))
     total, count, grad = f(pred, pred, mask)
     assert float(total) == 0.0
-    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+    if name != "l1":
+      # |x| has no derivative at 0 (JAX picks the subgradient 1); the smooth
+      # losses have exactly zero gradient at zero error.
+      np.testing.assert_array_equal(np.asarray(grad), 0.0)
   assert float(count) == n
 
 
@@ -484,11 +488,13 @@ def assert_parallel(d, g, err=""):
   assert cos > 1 - 1e-5, (err, cos, d, g)
 
 
+# Entries up to 1e30, so that the exact direction is representable (with 3e38
+# entries even the plain sum of K tasks overflows float32).
 @pytest.mark.parametrize("name", AGG_NAMES)
 @settings
 @hypothesis.given(
     grads=hnp.arrays(np.float32, (K, P), elements=st.sampled_from(
-        [v for m in EXTREME_MAGNITUDES for v in (m, -m)])),
+        [v for m in EXTREME_MAGNITUDES if m <= 1e30 for v in (m, -m)])),
     seed=st.integers(0, 2**31 - 1))
 def test_aggregator_finite_for_extreme_gradients(name, grads, seed):
   direction, state = aggregate(name, grads, seed=seed)
@@ -520,11 +526,20 @@ def test_aggregator_single_task_is_parallel(name, g, scale, seed):
 @pytest.mark.parametrize("name", AGG_NAMES)
 @settings
 @hypothesis.given(g=unit_rows((P,)), scale=st.sampled_from(SCALES),
+                  multiples=st.lists(st.sampled_from([1.0, 0.3, 0.7, 2.0, 8.0]),
+                                     min_size=K, max_size=K),
                   seed=st.integers(0, 2**31 - 1))
-def test_aggregator_identical_tasks_are_parallel(name, g, scale, seed):
+def test_aggregator_identical_tasks_are_parallel(name, g, scale, multiples,
+                                                 seed):
+  """Identical (multiples all 1) or positively collinear task gradients.
+
+  No task conflicts with another, and every method returns a non-negative,
+  nonzero combination of the rows, hence a positive multiple of g.
+  """
   g = (g * np.float32(scale)).astype(np.float32)
   hypothesis.assume(np.any(g != 0))
-  direction, _ = aggregate(name, np.stack([g] * K), seed=seed)
+  grads = (np.asarray(multiples, np.float32)[:, None] * g).astype(np.float32)
+  direction, _ = aggregate(name, grads, seed=seed)
   assert_parallel(direction, g, name)
 
 
@@ -539,16 +554,19 @@ def test_aggregator_opposite_tasks_cancel(name, g, scale, seed):
   direction, _ = aggregate(name, grads, seed=seed)
   assert np.all(np.isfinite(direction))
   if name == "graddrop":
-    # Random by design: each coordinate keeps one sign, i.e. +-g_j.
-    assert np.all((direction == g) | (direction == -g)), (direction, g)
+    # Random by design: each coordinate keeps one sign, i.e. +-g_j (XLA on
+    # CPU flushes subnormal entries to zero).
+    g_ftz = np.where(np.abs(g) < np.finfo(np.float32).tiny, 0.0, g)
+    assert np.all((direction == g_ftz) | (direction == -g_ftz)), (direction, g)
   elif name == "nash_mtl":
     # g_1 . d = -g_2 . d: no positive bargaining solution exists; only a
     # finite direction, clipped to max_norm (1.0), is promised.
     assert np.linalg.norm(direction) <= 1.0 + 1e-5
   else:
     # Every other method resolves the full conflict to (near) zero.
-    np.testing.assert_allclose(direction, 0.0,
-                               atol=1e-5 * float(np.linalg.norm(g)))
+    np.testing.assert_allclose(
+        direction, 0.0,
+        atol=1e-5 * float(np.linalg.norm(g.astype(np.float64))))
 
 
 @pytest.mark.parametrize("name", AGG_NAMES)
@@ -580,13 +598,23 @@ def test_aggregator_absent_task_equals_dropping_it(name, present_grads, scale,
   losses3[keep] = losses2
   state2 = state3 = None
   init_state3 = jitted_aggregator(name)[0].init(K)
+  rtol = 1e-5
+  if name == "aligned_mtl":
+    # Aligned-MTL scales by sqrt(lambda_min): the K x K and K' x K' `eigh`
+    # round differently, and lambda_min carries a relative error ~eps * cond.
+    # The results agree to that precision (capped at 1e-2 for nearly parallel
+    # gradients), not bit for bit.
+    m = g2.astype(np.float64) @ g2.T.astype(np.float64) / float(scale) ** 2
+    ev = np.linalg.eigvalsh(m)
+    cond = ev[-1] / max(ev[0], 1e-300)
+    rtol = float(np.clip(1e-7 * cond, 1e-5, 1e-2))
   for step in range(2):
     d2, state2 = aggregate(name, g2, losses=losses2, seed=seed + step,
                            state=state2)
     d3, state3 = aggregate(name, g3, counts=counts3, losses=losses3,
                            seed=seed + step, state=state3)
     scale_d = max(float(np.linalg.norm(d2.astype(np.float64))), 1e-37)
-    np.testing.assert_allclose(d3, d2, rtol=1e-5, atol=1e-5 * scale_d,
+    np.testing.assert_allclose(d3, d2, rtol=rtol, atol=rtol * scale_d,
                                err_msg=f"{name} step {step}")
   # State: the present tasks' entries match the sub-problem's; the absent
   # task's entries (and its pairs) never moved from init.
@@ -613,4 +641,9 @@ def test_mgda_of_a_present_zero_row_is_zero(g, scale, zero_row):
   grads = np.insert((g * np.float32(scale)).astype(np.float32), zero_row,
                     0.0, axis=0)
   direction, _ = aggregate("mgda", grads)
-  np.testing.assert_array_equal(direction, np.zeros(P))
+  # Zero up to float32 rounding of the weights: when 0 is in the hull in
+  # several ways (e.g. the other two rows are opposite), the min-norm point
+  # may be reached by mixing them, which leaves ~1e-8 relative residue.
+  bound = 1e-6 * float(np.max(np.linalg.norm(grads.astype(np.float64), axis=1)))
+  assert float(np.linalg.norm(direction.astype(np.float64))) <= bound, (
+      direction, grads)

@@ -85,7 +85,7 @@ def gram(grads: jax.Array) -> jax.Array:
 
 
 def power_of_two_scale(grads: jax.Array) -> jax.Array:
-  """A power of two `s` with `max|grads| / s` in `[0.5, 1)` (1 if all zero).
+  """A power of two `s` with `max|grads| / s` in `[1, 2)` (1 if all zero).
 
   Scale-invariant methods compute their Gram matrix on `grads / s`: the
   division is exact, and `G G^T` then neither overflows (|g| >~ 1e19 in
@@ -95,7 +95,8 @@ def power_of_two_scale(grads: jax.Array) -> jax.Array:
   amax = jnp.max(jnp.abs(grads)).astype(jnp.float32)
   _, exponent = jnp.frexp(amax)
   ok = jnp.isfinite(amax) & (amax > 0)
-  return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), exponent), 1.0)
+  # 2^(exponent - 1) <= max|grads| is finite even for max|grads| ~ 3e38.
+  return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), exponent - 1), 1.0)
 
 
 def _to_row_layout(x: jax.Array) -> jax.Array:

@@ -74,7 +74,10 @@ def imtl_g_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
   a = jnp.where(block, a, 0.0)
   # Pad with the identity at the block's own scale: the padded matrix's
   # largest singular value is then the block's, so the cutoff is unchanged.
-  scale = jnp.max(jnp.abs(a))
+  # But never below H's scale: A's entries carry rounding errors ~eps |H|, so
+  # a block that is all noise (parallel gradients, where A is exactly 0) must
+  # be cut, not inverted (that gave arbitrary, even ascent, directions).
+  scale = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(h)))
   scale = jnp.where(scale > 0, scale, 1.0)
   a = a + jnp.where(block, 0.0, scale * jnp.eye(num_tasks, dtype=dtype))
   b = jnp.where(others, b, 0.0)
