@@ -179,7 +179,8 @@ def make_method(method: str, num_tasks: int, *, rep_grad: bool
                            aggregation.Aggregator | None, bool]:
   """`(weighting, aggregator, rep_grad)` of a framework method name."""
   if method == EW:
-    return weighting_lib.get_weighting("equal", num_tasks=num_tasks), None, False
+    equal = weighting_lib.get_weighting("equal", num_tasks=num_tasks)
+    return equal, None, False
   if method in aggregation.AGGREGATORS:
     agg = aggregation.get_aggregator(method)
     return (weighting_lib.get_weighting("equal", num_tasks=num_tasks), agg,
@@ -243,7 +244,8 @@ def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
 def init_baseline_params(input_dim: int, hidden: Sequence[int],
                          num_tasks: int, num_classes: int, seed: int) -> dict:
   """Params of the hand-written MLP with K linear heads (lecun-normal init)."""
-  keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(hidden) + num_tasks))
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed),
+                              len(hidden) + num_tasks))
   init = jax.nn.initializers.lecun_normal()
   sizes = [input_dim, *hidden]
   trunk = [(init(next(keys), (i, o)), jnp.zeros((o,)))

@@ -35,8 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, gram, power_of_two_scale,
-                                     present_mask, stateless)
+from mtl_jax.aggregation.base import (Aggregator, present_mask, scaled_gram,
+                                     stateless)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SCALE_MODES = ("min", "median", "rmse")
@@ -113,8 +113,7 @@ def aligned_mtl(scale_mode: str = "min") -> Aggregator:
     mask2 = present[:, None] & present[None, :]
     # The weights are scale-invariant: an exact power-of-two rescaling keeps
     # the Gram matrix in float32 range for huge or tiny gradients.
-    scaled = grads / power_of_two_scale(grads).astype(grads.dtype)
-    gm = jnp.where(mask2, gram(scaled), 0.0)  # [K, K]
+    gm = jnp.where(mask2, scaled_gram(grads)[0], 0.0)  # [K, K]
     alpha = aligned_mtl_weights(gm, present, scale_mode)  # [K]
     return jnp.matmul(alpha, grads, precision=_HIGHEST)  # [P]
 

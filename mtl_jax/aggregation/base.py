@@ -99,6 +99,36 @@ def power_of_two_scale(grads: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), exponent - 1), 1.0)
 
 
+def scaled_gram(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(gram(grads / s), s)` for a power of two `s` that keeps it in range.
+
+  Scale-invariant methods need the Gram matrix only up to a positive factor,
+  but `G G^T` overflows in float32 for |g| >~ 1e19 and underflows to zero for
+  |g| <~ 1e-19. The plain product is computed first; if it is finite and its
+  largest diagonal entry is a normal number far from underflow, `s` comes
+  from that diagonal (no extra pass over the gradients). Only otherwise (rare)
+  is the Gram matrix recomputed from `grads / power_of_two_scale(grads)`.
+  Divisions by a power of two are exact.
+
+  Returns:
+    float32 `[K, K]` and the float32 scalar `s`.
+  """
+  plain = gram(grads).astype(jnp.float32)
+  diag_max = jnp.max(jnp.diagonal(plain))
+  safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
+
+  def fast(_):
+    _, exponent = jnp.frexp(jnp.sqrt(diag_max))
+    s = jnp.ldexp(jnp.float32(1.0), exponent - 1)
+    return plain / (s * s), s
+
+  def rescaled(_):
+    s = power_of_two_scale(grads)
+    return gram(grads / s.astype(grads.dtype)).astype(jnp.float32), s
+
+  return jax.lax.cond(safe, fast, rescaled, None)
+
+
 def _to_row_layout(x: jax.Array) -> jax.Array:
   """A `[K, a, b]` leaf as `[K, b, a]`; other ranks unchanged.
 

@@ -198,22 +198,22 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Aggregator:
     del losses, rng
     k = grads.shape[0]
     present = base.present_mask(counts, k)
-    # d is positively homogeneous in G: solve on G / s (an exact power of two)
-    # so that the Gram matrix and the norms stay in float32 range, and scale
-    # the result back.
-    scale = base.power_of_two_scale(grads).astype(grads.dtype)
-    g = base.zero_absent(grads / scale, present)  # [K, P]
-    w = cagrad_weights(base.gram(g), present, c=c)  # [K]
+    # d is positively homogeneous in G: the weights and the ratio of norms
+    # come from the Gram matrix of G / s (s an exact power of two, so that it
+    # stays in float32 range), the direction from G itself.
+    g = base.zero_absent(grads, present)  # [K, P]
+    gm, _ = base.scaled_gram(g)  # [K, K]
+    w = cagrad_weights(gm, present, c=c)  # [K]
     num_present = jnp.maximum(jnp.sum(present), 1)
     b = present.astype(jnp.float32) / num_present  # [K]
-    # Both g0 and g_w in one pass over the gradients.
-    g0, gw = jnp.matmul(jnp.stack([b, w]).astype(g.dtype), g,
-                        precision=_HIGHEST)  # [2, P]
-    g0_norm = jnp.linalg.norm(g0.astype(jnp.float32))
-    gw_norm = jnp.linalg.norm(gw.astype(jnp.float32))
+    # |g0 / s| and |g_w / s| from the Gram matrix, without forming them.
+    g0_norm = jnp.sqrt(jnp.maximum(b @ gm @ b, 0.0))
+    gw_norm = jnp.sqrt(jnp.maximum(w @ gm @ w, 0.0))
     lam = jnp.where(gw_norm > 0, c * g0_norm / jnp.where(gw_norm > 0,
                                                          gw_norm, 1.0), 0.0)
-    return (scale * ((g0 + lam.astype(g.dtype) * gw) / divisor)).astype(
-        grads.dtype)
+    # d = (g0 + lam g_w) / divisor in one pass over the gradients.
+    coeffs = (b + lam * w) / divisor  # [K]
+    return jnp.matmul(coeffs.astype(g.dtype), g,
+                      precision=_HIGHEST).astype(grads.dtype)
 
   return base.stateless(aggregate, rep_grad_ok=False)

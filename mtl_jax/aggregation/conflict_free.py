@@ -38,8 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, gram, power_of_two_scale,
-                                     present_mask, stateless)
+from mtl_jax.aggregation.base import (Aggregator, present_mask, scaled_gram,
+                                     stateless)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -91,8 +91,7 @@ def config() -> Aggregator:
     mask2 = present[:, None] & present[None, :]
     # The weights are scale-invariant: an exact power-of-two rescaling keeps
     # the Gram matrix in float32 range for huge or tiny gradients.
-    scaled = grads / power_of_two_scale(grads).astype(grads.dtype)
-    gm = jnp.where(mask2, gram(scaled), 0.0)  # [K, K]
+    gm = jnp.where(mask2, scaled_gram(grads)[0], 0.0)  # [K, K]
     return jnp.matmul(config_weights(gm, present), grads,
                       precision=_HIGHEST)  # [P]
 

@@ -110,8 +110,7 @@ def mgda(normalization: str = "none", apply_to: str = "normalized"
     g = base.zero_absent(grads, present)  # [K, P]
     # The Gram matrix of G / s (s an exact power of two) stays in float32
     # range for huge or tiny gradients; alpha is invariant to s.
-    scale = base.power_of_two_scale(g)
-    m = base.gram(g / scale.astype(g.dtype)).astype(jnp.float32)  # [K, K]
+    m, scale = base.scaled_gram(g)  # [K, K], gram(g / scale)
     n = gradient_normalizers(jnp.diagonal(m), losses, normalization)  # [K]
     # Gram matrix of the normalised gradients, without forming them.
     alpha = solvers.min_norm_simplex(m / jnp.outer(n, n), present)  # [K]

@@ -108,8 +108,7 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
   def solve(g, present, old_alpha):
     # The Gram matrix of G / s (s an exact power of two) stays in float32
     # range for huge or tiny gradients; the exact weights scale as 1 / s.
-    scale = base.power_of_two_scale(g)
-    m = base.gram(g / scale.astype(g.dtype)).astype(jnp.float32)  # [K, K]
+    m, scale = base.scaled_gram(g)  # [K, K], gram(g / scale)
     active = present & (jnp.diagonal(m) > 0)  # [K]
     m = jnp.where(active[:, None] & active[None, :], m, 0.0)
     if gram_normalization == "frobenius":
