@@ -556,9 +556,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     print(__doc__)
     print(FLAGS.get_help())
     raise SystemExit(0)
-  rest = flags.FLAGS(list(argv), known_only=True)  # logging flags etc.
+  # The benchmark's flags first: absl's global registry may also know
+  # --methods, --steps or --out (another script imported into the process).
   FLAGS.unparse_flags()
-  return FLAGS(rest)
+  rest = FLAGS(list(argv), known_only=True)
+  return flags.FLAGS(rest)  # absl's own (logging, ...); rejects the unknown
 
 
 def main(argv: Sequence[str]) -> list[dict[str, Any]]:

@@ -184,8 +184,8 @@ def build_data(config: ml_collections.ConfigDict, dataset: catalog.Dataset,
                                                      d.label_seed)
     labelled.append(kept)
     unlabelled.append(rest)
-  label_counts = {t: sum(_label_count(c, t) for c in labelled
-                         if t in mixture_lib.labelled_tasks(c))
+  provided = [(c, mixture_lib.labelled_tasks(c)) for c in labelled]
+  label_counts = {t: sum(_label_count(c, t) for c, p in provided if t in p)
                   for t in tasks.names}
   num_unlabelled = sum(c.num_rows for c in unlabelled)
   components = [c for c in labelled if c.num_rows]
