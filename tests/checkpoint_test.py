@@ -330,3 +330,13 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
             data_state={"step": 2}, wait=True)
   assert ckpt.latest_step() == 2
   assert int(ckpt.restore(like)["step"]) == 2
+
+
+def test_a_state_of_another_structure_names_the_likely_cause(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(1, {"w": np.ones(3, np.float32)}, wait=True)
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r"(?s)step 1:.*another model, config or mtl_jax "
+                     r"version"):
+    ckpt.restore({"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)})
+  assert ckpt.latest_step() == 1  # nothing was deleted

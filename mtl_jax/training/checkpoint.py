@@ -42,6 +42,12 @@ class CheckpointError(RuntimeError):
     lines = [f"no checkpoint in {directory} could be restored{note}"]
     lines += [f"  step {s}: {type(e).__name__}: {_short(e)}"
               for s, e in failures.items()]
+    if any(isinstance(e, ValueError) and "structure" in str(e).lower()
+           for e in failures.values()):
+      lines.append("The saved state has another structure than this run's: "
+                   "the checkpoints were written by another model, config or "
+                   "mtl_jax version. Resume them with that, or use a new "
+                   "--workdir.")
     super().__init__("\n".join(lines))
 
 
