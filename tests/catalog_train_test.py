@@ -55,10 +55,19 @@ def test_config_trains_under_mock_data(name, tmp_path):
     results = train.run(config, workdir)
   assert results["steps"] == 3
   tasks = exp.tasks.names
-  assert set(results["label_counts"]) == set(tasks)
-  # Every task was evaluated on the held-out components with finite metrics.
+  # Mock splits hold NUM_MOCK examples; each train source labels its own tasks
+  # fully (label_fractions empty), so every task has NUM_MOCK labelled rows.
+  assert results["label_counts"] == {t: NUM_MOCK for t in tasks}
+  assert results["num_train_examples"] == NUM_MOCK * len(
+      exp.train_mixture.components)
+  assert results["num_unlabelled"] == 0
+  # Every task was evaluated on the held-out components with finite metrics:
+  # per-example tasks once per held-out example of their source.
   for task in tasks:
-    assert results["eval"][f"{task}/count"] > 0, task
+    if exp.tasks.get(task).label_shape == () or name != "conll2003":
+      assert results["eval"][f"{task}/count"] == NUM_MOCK, task
+    else:  # per-token counts: at least one real token per sentence
+      assert results["eval"][f"{task}/count"] >= NUM_MOCK, task
     assert all(math.isfinite(v) for k, v in results["eval"].items()
                if k.startswith(f"{task}/")), task
   # The data iterator position was saved with each checkpoint.

@@ -1,7 +1,5 @@
 """Tests of the Prefetcher: same items, exact state, errors and shutdown."""
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -57,8 +55,7 @@ def test_stop_iteration_ends_and_close_stops_the_thread():
   q = pipeline.Prefetcher(_Counter(), size=2)
   next(q)
   q.close()
-  assert not any(t.name == "mtl_jax-prefetch" and t.is_alive()
-                 for t in threading.enumerate() if t is q._thread)
+  assert not q._thread.is_alive()
   with pytest.raises(ValueError, match="size"):
     pipeline.Prefetcher(_Counter(), size=0)
 

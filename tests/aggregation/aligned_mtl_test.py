@@ -1,13 +1,14 @@
 """Tests of Aligned-MTL against the official ProcrustesSolver, in numpy."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 # A name, not the module: the package re-exports `aligned_mtl` the function,
 # which shadows the submodule attribute.
 from mtl_jax.aggregation.aligned_mtl import aligned_mtl
+
+from agg_testing import run_padded
 
 MODES = ("min", "median", "rmse")
 AGGS = {mode: aligned_mtl(mode) for mode in MODES}
@@ -16,18 +17,8 @@ P = 8  # inputs are zero-padded to P columns: one compilation per K
 
 
 def _run(grads, counts=None, mode="min"):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = UPDATES[mode](jnp.asarray(padded), AGGS[mode].init(k),
-                               losses=jnp.ones(k, jnp.float32),
-                               counts=jnp.asarray(counts, jnp.float32),
-                               rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(UPDATES[mode], AGGS[mode].init(len(grads)), grads,
+                    width=P, counts=counts)[0]
 
 
 def _official(grads, mode="min"):

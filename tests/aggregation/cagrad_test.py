@@ -11,6 +11,8 @@ from scipy import optimize
 from mtl_jax.aggregation.cagrad import cagrad
 from mtl_jax.aggregation.cagrad import cagrad_weights
 
+from agg_testing import run_padded
+
 P = 16  # gradients are zero-padded to P columns: one compilation per K
 AGG = cagrad()  # c = 0.4, rescale = 1
 UPDATE = jax.jit(AGG.update)
@@ -19,19 +21,8 @@ SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
 
 
 def _run(grads, counts=None, agg=AGG, update=UPDATE):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = update(jnp.asarray(padded), agg.init(k),
-                        losses=jnp.ones(k, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32),
-                        rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  assert np.all(np.isfinite(direction))
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(update, agg.init(len(grads)), grads, width=P,
+                    counts=counts)[0]
 
 
 def _grads(seed, k, p=P):

@@ -1,11 +1,12 @@
 """Tests of ConFIG: equal cosines, projection length, official reference."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtl_jax.aggregation import conflict_free
+
+from agg_testing import run_padded
 
 AGG = conflict_free.config()
 UPDATE = jax.jit(AGG.update)
@@ -13,18 +14,8 @@ P = 8  # inputs are zero-padded to P columns: one compilation per K
 
 
 def _run(grads, counts=None):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = UPDATE(jnp.asarray(padded), AGG.init(k),
-                        losses=jnp.ones(k, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32),
-                        rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(UPDATE, AGG.init(len(grads)), grads, width=P,
+                    counts=counts)[0]
 
 
 def _official(grads):

@@ -12,6 +12,8 @@ from mtl_jax.aggregation.gradvac import gradvac
 from mtl_jax.aggregation.pcgrad import pcgrad
 from mtl_jax.aggregation.pcgrad import random_task_orders
 
+from agg_testing import run_padded
+
 BETA = 0.5
 AGG = gradvac(beta=BETA)
 UPDATE = jax.jit(AGG.update)
@@ -20,20 +22,12 @@ P = 8  # inputs are zero-padded to P columns: one compilation per K
 
 
 def _run(grads, phi_hat=None, counts=None, rng=jax.random.key(0)):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  state = AGG.init(k)
+  state = AGG.init(len(grads))
   if phi_hat is not None:
     state = GradVacState(jnp.asarray(phi_hat, jnp.float32))
-  counts = np.ones(k) if counts is None else counts
-  direction, state = UPDATE(jnp.asarray(padded), state,
-                            losses=jnp.ones(k, jnp.float32),
-                            counts=jnp.asarray(counts, jnp.float32), rng=rng)
-  direction = np.asarray(direction, np.float64)
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p], np.asarray(state.phi_hat)
+  direction, state = run_padded(UPDATE, state, grads, width=P, counts=counts,
+                                rng=rng)
+  return direction, np.asarray(state.phi_hat)
 
 
 def _reference(grads, phi_hat, orders, present=None, beta=BETA):

@@ -7,24 +7,16 @@ import pytest
 
 from mtl_jax.aggregation import imtl
 
+from agg_testing import run_padded
+
 AGG = imtl.imtl_g()
 UPDATE = jax.jit(AGG.update)
 P = 8  # inputs are zero-padded to P columns: one compilation per K
 
 
 def _run(grads, counts=None):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = UPDATE(jnp.asarray(padded), AGG.init(k),
-                        losses=jnp.ones(k, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32),
-                        rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(UPDATE, AGG.init(len(grads)), grads, width=P,
+                    counts=counts)[0]
 
 
 def _reference(grads):

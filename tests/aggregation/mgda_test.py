@@ -10,6 +10,8 @@ import pytest
 from mtl_jax.aggregation.mgda import gradient_normalizers
 from mtl_jax.aggregation.mgda import mgda
 
+from agg_testing import run_padded
+
 P = 16  # gradients are zero-padded to P columns: one compilation per K
 AGG = mgda()
 UPDATE = jax.jit(AGG.update)
@@ -17,20 +19,8 @@ SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
 
 
 def _run(grads, counts=None, losses=None, agg=AGG, update=UPDATE):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  losses = np.ones(k) if losses is None else losses
-  direction, _ = update(jnp.asarray(padded), agg.init(k),
-                        losses=jnp.asarray(losses, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32),
-                        rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  assert np.all(np.isfinite(direction))
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(update, agg.init(len(grads)), grads, width=P,
+                    counts=counts, losses=losses)[0]
 
 
 def _grads(seed, k, p=P):

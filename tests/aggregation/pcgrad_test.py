@@ -12,6 +12,8 @@ from mtl_jax.aggregation.pcgrad import pcgrad
 from mtl_jax.aggregation.pcgrad import pcgrad_coefficients
 from mtl_jax.aggregation.pcgrad import random_task_orders
 
+from agg_testing import run_padded
+
 AGG = pcgrad()
 UPDATE = jax.jit(AGG.update)
 ORDERS = jax.jit(random_task_orders, static_argnums=1)
@@ -20,17 +22,8 @@ P = 8  # inputs are zero-padded to P columns: one compilation per K
 
 
 def _run(grads, counts=None, rng=KEY):
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = UPDATE(jnp.asarray(padded), AGG.init(k),
-                        losses=jnp.ones(k, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32), rng=rng)
-  direction = np.asarray(direction, np.float64)
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(UPDATE, AGG.init(len(grads)), grads, width=P,
+                    counts=counts, rng=rng)[0]
 
 
 def _naive(grads, orders, present=None):

@@ -3,13 +3,14 @@
 import hypothesis
 import hypothesis.strategies as st
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import optimize
 
 from mtl_jax.aggregation.upgrad import dualproj
 from mtl_jax.aggregation.upgrad import upgrad
+
+from agg_testing import run_padded
 
 P = 16  # gradients are zero-padded to P columns: one compilation per K
 UPGRAD = upgrad()
@@ -23,19 +24,8 @@ SETTINGS = hypothesis.settings(max_examples=15, deadline=None)
 def _run(name, grads, counts=None, agg=None, update=None):
   agg = AGGS[name] if agg is None else agg
   update = UPDATES[name] if update is None else update
-  grads = np.asarray(grads, np.float32)
-  k, p = grads.shape
-  padded = np.zeros((k, P), np.float32)
-  padded[:, :p] = grads
-  counts = np.ones(k) if counts is None else counts
-  direction, _ = update(jnp.asarray(padded), agg.init(k),
-                        losses=jnp.ones(k, jnp.float32),
-                        counts=jnp.asarray(counts, jnp.float32),
-                        rng=jax.random.key(0))
-  direction = np.asarray(direction, np.float64)
-  assert np.all(np.isfinite(direction))
-  np.testing.assert_array_equal(direction[p:], 0.0)
-  return direction[:p]
+  return run_padded(update, agg.init(len(grads)), grads, width=P,
+                    counts=counts)[0]
 
 
 def _grads(seed, k, p=P):
