@@ -28,7 +28,9 @@ so that load from other processes spreads over all methods and the ratios of
 one run are comparable. `ms_per_step` is the median over the timed steps.
 
 Prints one JSON line per (method, setting) with `method`, `model`,
-`num_tasks`, `batch_size`, `rep_grad`, `chunk_size`, `ms_per_step` (median),
+`num_tasks`, `batch_size`, `rep_grad`, `chunk_size`, `jacobian` (how an
+aggregator got its per-task gradients: "factored", "full" or "rep_grad";
+null for the others), `ms_per_step` (median),
 `ms_q25`/`ms_q75`, `compile_s`, `peak_bytes` (the device's peak memory when the
 backend reports it, else null: XLA CPU does not), the compiled step's
 `temp_bytes`/`argument_bytes`/`output_bytes` (XLA's memory analysis, available
@@ -102,6 +104,11 @@ _REP_GRAD = flags.DEFINE_bool(
 _CHUNK_SIZE = flags.DEFINE_integer(
     "chunk_size", 0, "Map the per-task VJP over chunks of this many tasks "
     "(0: all tasks in one vmap).", **_F)
+_JACOBIAN = flags.DEFINE_list(
+    "jacobian", ["auto"], "How Gram-based aggregators get per-task gradients "
+    "(make_train_step's `jacobian`): auto (factored where cheaper, no [K, P] "
+    "matrix), factored (every dense layer) or full; a list times every "
+    "aggregator in each mode, the later ones as '<method>@<mode>'.", **_F)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam step size.",
                                     **_F)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the params and the batch.",
@@ -226,7 +233,8 @@ def memory_analysis(compiled: Any) -> dict[str, int | None]:
 def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
                            batch: dict[str, Any], *, rep_grad: bool,
                            chunk_size: int | None, learning_rate: float,
-                           seed: int) -> tuple[Compiled, bool]:
+                           seed: int, jacobian: str = "auto"
+                           ) -> tuple[Compiled, bool]:
   """The library's train step of `method`; returns it and its rep_grad."""
   weighting, agg, rep = make_method(method, len(tasks), rep_grad=rep_grad)
   tx = optax.adam(learning_rate)
@@ -236,9 +244,19 @@ def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
                                        jax.random.PRNGKey(seed + 1), agg)
   step = step_lib.make_train_step(
       model.apply, tasks, tx, weighting, aggregator=agg, rep_grad=rep,
-      chunk_size=chunk_size if agg is not None or weighting.needs else None)
+      chunk_size=chunk_size if agg is not None or weighting.needs else None,
+      jacobian=jacobian)
   batch = jax.device_put(batch)
   return _compile(step, state, batch), rep
+
+
+def jacobian_used(agg: aggregation.Aggregator, mode: str, rep_grad: bool
+                  ) -> str:
+  """What the train step does for an aggregator: "rep_grad", "factored" or
+  "full" (make_train_step's rule)."""
+  if rep_grad:
+    return "rep_grad"
+  return "factored" if mode != "full" and agg.from_gram is not None else "full"
 
 
 def init_baseline_params(input_dim: int, hidden: Sequence[int],
@@ -329,15 +347,20 @@ def benchmark_setting(methods: Sequence[str], *, model_name: str,
                       feature_size: int, head_hidden: Sequence[int],
                       rep_grad: bool, chunk_size: int | None, steps: int,
                       rounds: int, warmup: int, learning_rate: float,
-                      seed: int) -> list[dict[str, Any]]:
-  """Compiles and times every method at one setting; returns the rows."""
+                      seed: int, jacobian: Sequence[str] = ("auto",)
+                      ) -> list[dict[str, Any]]:
+  """Compiles and times every method at one setting; returns the rows.
+
+  Aggregators are compiled once per `jacobian` mode; the first mode's rows
+  are named after the method, the others `<method>@<mode>`.
+  """
   tasks = make_tasks(num_tasks, num_classes)
   model = build.make_hard_sharing_model(
       tasks, make_trunk(model_name, hidden=hidden, channels=channels,
                         strides=strides, feature_size=feature_size),
       head_hidden_sizes=tuple(head_hidden))
   batch = synthetic_batch(tasks, input_shape, batch_size, seed)
-  compiled, reps = {}, {}
+  compiled, reps, modes = {}, {}, {}
   for method in methods:
     if method == BASELINE:
       if head_hidden:
@@ -352,9 +375,16 @@ def benchmark_setting(methods: Sequence[str], *, model_name: str,
         not aggregation.get_aggregator(method).rep_grad_ok):
       print(f"# skipping {method}: not valid with --rep_grad", flush=True)
       continue
-    compiled[method], reps[method] = compile_framework_step(
-        model, tasks, method, batch, rep_grad=rep_grad, chunk_size=chunk_size,
-        learning_rate=learning_rate, seed=seed)
+    agg = (aggregation.get_aggregator(method)
+           if method in aggregation.AGGREGATORS else None)
+    for i, mode in enumerate(jacobian if agg is not None else ("auto",)):
+      name = method if i == 0 else f"{method}@{mode}"
+      compiled[name], reps[name] = compile_framework_step(
+          model, tasks, method, batch, rep_grad=rep_grad,
+          chunk_size=chunk_size, learning_rate=learning_rate, seed=seed,
+          jacobian=mode)
+      modes[name] = (jacobian_used(agg, mode, reps[name])
+                     if agg is not None else None)
   time_interleaved(compiled, steps=steps, rounds=rounds, warmup=warmup)
   peak = peak_device_bytes()
   rows = []
@@ -362,6 +392,7 @@ def benchmark_setting(methods: Sequence[str], *, model_name: str,
     rows.append({"method": method, "model": model_name,
                  "num_tasks": num_tasks, "batch_size": batch_size,
                  "rep_grad": reps[method], "chunk_size": chunk_size,
+                 "jacobian": modes.get(method),
                  **summarize(c.times), "timed_steps": len(c.times),
                  "compile_s": round(c.compile_s, 3), "peak_bytes": peak,
                  **c.memory, "backend": jax.default_backend()})
@@ -512,6 +543,12 @@ def run() -> list[dict[str, Any]]:
   methods = ([m for m in _METHODS.value if m.strip()]
              if _METHODS.value is not None else default_methods(model))
   check_methods(methods, model)
+  modes = [m.strip() for m in _JACOBIAN.value if m.strip()]
+  bad = [m for m in modes if m not in step_lib.JACOBIAN_MODES] or (
+      [] if modes else ["(none)"])
+  if bad:
+    raise ValueError(f"unknown --jacobian mode(s) {bad}; valid: "
+                     f"{', '.join(step_lib.JACOBIAN_MODES)}")
   input_shape = ((_INPUT_DIM.value,) if model == "mlp"
                  else _ints(_IMAGE_SHAPE.value))
   rows: list[dict[str, Any]] = []
@@ -526,7 +563,8 @@ def run() -> list[dict[str, Any]]:
         feature_size=_FEATURE_SIZE.value, head_hidden=_ints(_HEAD_HIDDEN.value),
         rep_grad=_REP_GRAD.value, chunk_size=_CHUNK_SIZE.value or None,
         steps=_STEPS.value, rounds=_ROUNDS.value, warmup=_WARMUP.value,
-        learning_rate=_LEARNING_RATE.value, seed=_SEED.value)
+        learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
+        jacobian=modes)
     for r in setting:
       print(json.dumps(r), flush=True)
     rows += setting

@@ -1,7 +1,8 @@
 """Gradient-level aggregation of per-task gradients of the shared parameters.
 
-Every method is an `Aggregator(init, update, rep_grad_ok)` built by a factory
-named after it (see `base.py` for the contract). `AGGREGATORS` is the one
+Every method is an `Aggregator(init, update, rep_grad_ok, from_gram)` built by
+a factory named after it (see `base.py` for the contract); every method but
+GradDrop is Gram-based (`from_gram` is set). `AGGREGATORS` is the one
 name -> factory table; `get_aggregator` raises for an unknown name, listing the
 valid ones.
 """

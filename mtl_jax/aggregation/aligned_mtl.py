@@ -35,8 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask, scaled_gram,
-                                     stateless)
+from mtl_jax.aggregation.base import (Aggregator, present_mask,
+                                     stateless_gram_based)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SCALE_MODES = ("min", "median", "rmse")
@@ -98,7 +98,8 @@ def aligned_mtl(scale_mode: str = "min") -> Aggregator:
     scale_mode: "min" (default), "median" or "rmse"; see the module docstring.
 
   Returns:
-    A stateless `Aggregator` with `rep_grad_ok=True` (Aligned-MTL-UB).
+    A stateless `Aggregator` with `from_gram` and `rep_grad_ok=True`
+    (Aligned-MTL-UB).
 
   Raises:
     ValueError: an unknown scale_mode.
@@ -107,14 +108,11 @@ def aligned_mtl(scale_mode: str = "min") -> Aggregator:
     raise ValueError(f"unknown aligned_mtl scale_mode {scale_mode!r}; valid: "
                      f"{', '.join(SCALE_MODES)}")
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
-    del losses, rng
-    present = present_mask(counts, grads.shape[0])  # [K]
-    mask2 = present[:, None] & present[None, :]
-    # The weights are scale-invariant: an exact power-of-two rescaling keeps
-    # the Gram matrix in float32 range for huge or tiny gradients.
-    gm = jnp.where(mask2, scaled_gram(grads)[0], 0.0)  # [K, K]
-    alpha = aligned_mtl_weights(gm, present, scale_mode)  # [K]
-    return jnp.matmul(alpha, grads, precision=_HIGHEST)  # [P]
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+         ) -> jax.Array:
+    del scale, losses, rng  # B is invariant to the Gram's scale
+    return aligned_mtl_weights(gram_matrix,
+                               present_mask(counts, gram_matrix.shape[0]),
+                               scale_mode)
 
-  return stateless(fn, rep_grad_ok=True)
+  return stateless_gram_based(fn, rep_grad_ok=True)

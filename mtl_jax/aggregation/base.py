@@ -21,6 +21,23 @@ update direction, in optax's style:
 
 `Aggregator.rep_grad_ok` says whether the method is valid on gradients w.r.t.
 the shared representation (MGDA-UB style) instead of the shared parameters.
+
+Gram-based methods. Every method except GradDrop returns a linear combination
+of the task gradients, `d = w @ G`, with weights that depend on the gradients
+only through their Gram matrix `G G^T`. Such a method also provides
+`from_gram(gram, scale, state, *, losses, counts, rng) -> (w [K], state)`:
+
+* `gram` is the float32 `[K, K]` Gram matrix of `zero_absent(grads) / scale`
+  (rows and columns of absent tasks zero), `scale > 0` a float32 power of two
+  that keeps it in range (`scaled_gram`); methods that are not
+  scale-invariant recover the plain Gram matrix as `gram * scale**2`;
+* the direction is `w @ zero_absent(grads)`, and `update` is exactly that
+  (`gram_based` builds it from `from_gram`).
+
+The train step can then compute the Gram matrix without ever forming the
+`[K, P]` Jacobian (from per-layer activations and output gradients,
+`mtl_jax.training.gram`) and the direction as one backward pass of
+`sum_k w_k L_k`.
 """
 
 from __future__ import annotations
@@ -42,11 +59,20 @@ class Aggregator(NamedTuple):
     rep_grad_ok: True if the method may be applied to representation
       gradients (one backward pass through the trunk) instead of parameter
       gradients.
+    from_gram: for Gram-based methods, `from_gram(gram [K, K], scale, state,
+      *, losses, counts, rng) -> (weights [K], state)` (see the module
+      docstring); None for methods that need the gradients themselves.
+    columnwise: True if coordinate j of the direction depends only on column
+      j of `grads` (and on `rng`), and the method is stateless: the train
+      step may then call `update` on each parameter leaf's columns alone,
+      with a different key per leaf (GradDrop).
   """
 
   init: Callable[[int], Any]
   update: Callable[..., tuple[jax.Array, Any]]
   rep_grad_ok: bool = False
+  from_gram: Callable[..., tuple[jax.Array, Any]] | None = None
+  columnwise: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -65,6 +91,49 @@ def stateless(fn: Callable[..., jax.Array], *, rep_grad_ok: bool = False
     return fn(grads, losses=losses, counts=counts, rng=rng), state
 
   return Aggregator(init, update, rep_grad_ok)
+
+
+def gram_based(init: Callable[[int], Any],
+               from_gram: Callable[..., tuple[jax.Array, Any]], *,
+               rep_grad_ok: bool = False) -> Aggregator:
+  """An Aggregator whose `update` is `from_gram`'s weights applied to the rows.
+
+  `update(grads)` zeroes the rows of absent tasks, computes
+  `scaled_gram`, calls `from_gram` and returns `w @ grads`: the same
+  direction the train step's Gram engine gets without the `[K, P]` matrix.
+  """
+
+  def update(grads, state, *, losses=None, counts=None, rng=None):
+    present = present_mask(counts, grads.shape[0])
+    g = zero_absent(grads, present)  # [K, P]
+    m, scale = scaled_gram(g)  # [K, K], gram(g / scale)
+    weights, state = from_gram(m, scale, state, losses=losses, counts=counts,
+                               rng=rng)
+    return combine(weights, g), state
+
+  return Aggregator(init, update, rep_grad_ok, from_gram)
+
+
+def stateless_gram_based(fn: Callable[..., jax.Array], *,
+                         rep_grad_ok: bool = False) -> Aggregator:
+  """`gram_based` for `fn(gram, scale, *, losses, counts, rng) -> weights`."""
+
+  def init(num_tasks: int) -> EmptyState:
+    del num_tasks
+    return EmptyState()
+
+  def from_gram(gram_matrix, scale, state, *, losses=None, counts=None,
+                rng=None):
+    return fn(gram_matrix, scale, losses=losses, counts=counts,
+              rng=rng), state
+
+  return gram_based(init, from_gram, rep_grad_ok=rep_grad_ok)
+
+
+def combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
+  """`weights @ grads` `[P]` at full float32 precision."""
+  return jnp.matmul(weights.astype(grads.dtype), grads,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def present_mask(counts: jax.Array | None, num_tasks: int) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Both are linear in the gradients, cost one pass over `[K, P]`, and are
 valid on representation gradients (the chain rule through the trunk is
-linear, so aggregating there gives the same parameter update).
+linear, so aggregating there gives the same parameter update). Their weights
+depend on the counts only, so `from_gram` ignores the Gram matrix.
 """
 
 from __future__ import annotations
@@ -10,21 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import Aggregator, present_mask, stateless
-
-
-def _present_weights(counts: jax.Array | None, num_tasks: int,
-                     dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """`(presence as weights [K], number of present tasks [])`."""
-  present = present_mask(counts, num_tasks)  # [K]
-  return present.astype(dtype), present.sum()
-
-
-def _combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
-  # A matrix-vector product rather than `sum(axis=0)`: one BLAS pass, where
-  # XLA's CPU reduction over the leading axis is >10x slower. Absent rows
-  # get weight 0 (they are zero, hence finite, by contract).
-  return jnp.matmul(weights, grads, precision=jax.lax.Precision.HIGHEST)
+from mtl_jax.aggregation.base import (Aggregator, present_mask,
+                                     stateless_gram_based)
 
 
 def mean() -> Aggregator:
@@ -35,28 +23,30 @@ def mean() -> Aggregator:
   is zero.
 
   Returns:
-    A stateless `Aggregator` with `rep_grad_ok=True`.
+    A stateless `Aggregator` with `rep_grad_ok=True` and `from_gram`
+    (weights `1 / n` on the n present tasks, 0 on absent ones).
   """
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
-    del losses, rng
-    weights, num_present = _present_weights(counts, grads.shape[0], grads.dtype)
-    return _combine(weights / jnp.maximum(num_present, 1).astype(grads.dtype),
-                    grads)
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+         ) -> jax.Array:
+    del scale, losses, rng
+    present = present_mask(counts, gram_matrix.shape[0])  # [K]
+    return present.astype(jnp.float32) / jnp.maximum(present.sum(), 1)
 
-  return stateless(fn, rep_grad_ok=True)
+  return stateless_gram_based(fn, rep_grad_ok=True)
 
 
 def sum() -> Aggregator:  # pylint: disable=redefined-builtin
   """The sum of the present tasks' gradients (plain linear scalarization).
 
   Returns:
-    A stateless `Aggregator` with `rep_grad_ok=True`.
+    A stateless `Aggregator` with `rep_grad_ok=True` and `from_gram`
+    (weights 1 on present tasks, 0 on absent ones).
   """
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
-    del losses, rng
-    weights, _ = _present_weights(counts, grads.shape[0], grads.dtype)
-    return _combine(weights, grads)
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+         ) -> jax.Array:
+    del scale, losses, rng
+    return present_mask(counts, gram_matrix.shape[0]).astype(jnp.float32)
 
-  return stateless(fn, rep_grad_ok=True)
+  return stateless_gram_based(fn, rep_grad_ok=True)

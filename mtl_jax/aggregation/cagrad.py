@@ -15,9 +15,10 @@ followed by a rescaling: `rescale=0` returns d, `1` returns `d / (1 + c^2)`
 The official code solves for w with scipy's SLSQP on the K x K Gram matrix;
 here `cagrad_weights` solves the same problem jit-natively (see its
 docstring; it agrees with SLSQP run to `ftol=1e-12` to ~1e-7). `|g0|` and
-`|g_w|` are taken from the gradient vectors themselves, as the official code
-does for `|g_w|`, so that d's length does not suffer from the Gram matrix's
-float32 cancellation when `g_w` is short.
+`|g_w|` are also taken from the Gram matrix (the official code computes
+`|g_w|` from the vector), so that `from_gram` gives the whole direction as
+weights on the task gradients; float32 cancellation in `w^T M w` can make a
+short `g_w`'s length less accurate than the vector's norm would be.
 
 Deviations: the official code adds 1e-8 to `|g0|^2`, `c |g0|` and `|g_w|` to
 avoid divisions by zero; these absolute constants are not scale-invariant,
@@ -181,7 +182,7 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Aggregator:
     rescale: 0, 1 or 2, as in the official code (default 1).
 
   Returns:
-    A stateless Aggregator.
+    A stateless Aggregator with `from_gram`.
 
   Raises:
     ValueError: `c` is negative or not finite, or `rescale` is not 0, 1, 2.
@@ -194,26 +195,21 @@ def cagrad(c: float = 0.4, rescale: int = 1) -> base.Aggregator:
                      f"{rescale!r}")
   divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
 
-  def aggregate(grads, *, losses=None, counts=None, rng=None):
-    del losses, rng
-    k = grads.shape[0]
-    present = base.present_mask(counts, k)
+  def weights_fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+                 ) -> jax.Array:
+    del scale, losses, rng
     # d is positively homogeneous in G: the weights and the ratio of norms
-    # come from the Gram matrix of G / s (s an exact power of two, so that it
-    # stays in float32 range), the direction from G itself.
-    g = base.zero_absent(grads, present)  # [K, P]
-    gm, _ = base.scaled_gram(g)  # [K, K]
-    w = cagrad_weights(gm, present, c=c)  # [K]
+    # come from the Gram matrix of G / s whatever the power of two s.
+    present = base.present_mask(counts, gram_matrix.shape[0])  # [K]
+    w = cagrad_weights(gram_matrix, present, c=c)  # [K]
     num_present = jnp.maximum(jnp.sum(present), 1)
     b = present.astype(jnp.float32) / num_present  # [K]
     # |g0 / s| and |g_w / s| from the Gram matrix, without forming them.
-    g0_norm = jnp.sqrt(jnp.maximum(b @ gm @ b, 0.0))
-    gw_norm = jnp.sqrt(jnp.maximum(w @ gm @ w, 0.0))
+    g0_norm = jnp.sqrt(jnp.maximum(b @ gram_matrix @ b, 0.0))
+    gw_norm = jnp.sqrt(jnp.maximum(w @ gram_matrix @ w, 0.0))
     lam = jnp.where(gw_norm > 0, c * g0_norm / jnp.where(gw_norm > 0,
                                                          gw_norm, 1.0), 0.0)
     # d = (g0 + lam g_w) / divisor in one pass over the gradients.
-    coeffs = (b + lam * w) / divisor  # [K]
-    return jnp.matmul(coeffs.astype(g.dtype), g,
-                      precision=_HIGHEST).astype(grads.dtype)
+    return (b + lam * w) / divisor  # [K]
 
-  return base.stateless(aggregate, rep_grad_ok=False)
+  return base.stateless_gram_based(weights_fn, rep_grad_ok=False)

@@ -38,8 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask, scaled_gram,
-                                     stateless)
+from mtl_jax.aggregation.base import (Aggregator, present_mask,
+                                     stateless_gram_based)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -81,18 +81,14 @@ def config() -> Aggregator:
   any scaling of the gradients (negative scales included).
 
   Returns:
-    A stateless `Aggregator` with `rep_grad_ok=False` (defined on parameter
-    gradients in the paper).
+    A stateless `Aggregator` with `from_gram` and `rep_grad_ok=False`
+    (defined on parameter gradients in the paper).
   """
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
-    del losses, rng
-    present = present_mask(counts, grads.shape[0])  # [K]
-    mask2 = present[:, None] & present[None, :]
-    # The weights are scale-invariant: an exact power-of-two rescaling keeps
-    # the Gram matrix in float32 range for huge or tiny gradients.
-    gm = jnp.where(mask2, scaled_gram(grads)[0], 0.0)  # [K, K]
-    return jnp.matmul(config_weights(gm, present), grads,
-                      precision=_HIGHEST)  # [P]
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+         ) -> jax.Array:
+    del scale, losses, rng  # the weights are invariant to the Gram's scale
+    return config_weights(gram_matrix,
+                          present_mask(counts, gram_matrix.shape[0]))
 
-  return stateless(fn, rep_grad_ok=False)
+  return stateless_gram_based(fn, rep_grad_ok=False)

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import Aggregator, gram, present_mask
+from mtl_jax.aggregation.base import Aggregator, gram_based, present_mask
 from mtl_jax.aggregation.pcgrad import random_task_orders
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -122,10 +122,11 @@ def gradvac(beta: float = 0.5) -> Aggregator:
       0.5; the paper uses 1e-2 for its large-scale runs).
 
   Returns:
-    A stateful `Aggregator` (`GradVacState`) with `rep_grad_ok=False`. The
-    update needs `rng` (the random visiting orders) and raises ValueError (at
-    trace time) without it. With the same orders it is equivariant to any
-    scaling of the gradients, negative scales included.
+    A stateful `Aggregator` (`GradVacState`) with `from_gram` and
+    `rep_grad_ok=False`. The update needs `rng` (the random visiting orders)
+    and raises ValueError (at trace time) without it. With the same orders
+    it is equivariant to any scaling of the gradients, negative scales
+    included.
 
   Raises:
     ValueError: beta outside [0, 1].
@@ -136,26 +137,29 @@ def gradvac(beta: float = 0.5) -> Aggregator:
   def init(num_tasks: int) -> GradVacState:
     return GradVacState(phi_hat=jnp.zeros((num_tasks, num_tasks), jnp.float32))
 
-  def update(grads, state, *, losses=None, counts=None, rng=None):
+  def from_gram(gram_matrix, scale, state, *, losses=None, counts=None,
+                rng=None):
     del losses
     if rng is None:
       raise ValueError("gradvac needs an rng key (random adjustment orders)")
-    num_tasks = grads.shape[0]
+    num_tasks = gram_matrix.shape[0]
     if state.phi_hat.shape != (num_tasks, num_tasks):
       raise ValueError(f"gradvac state is for {state.phi_hat.shape[0]} tasks, "
                        f"grads for {num_tasks}")
     present = present_mask(counts, num_tasks)  # [K]
-    mask2 = present[:, None] & present[None, :]
-    gm = jnp.where(mask2, gram(grads), 0.0)  # [K, K]
+    # The plain Gram matrix G G^T, as `update` has always used it: the result
+    # depends on it only up to a positive factor, but where G G^T overflows
+    # (|g| >~ 1e19) or underflows no gradient is adjusted. Multiplying by s
+    # twice overflows only where G G^T does.
     coefs, phi_hat = gradvac_coefficients(
-        gm, present, random_task_orders(rng, num_tasks), state.phi_hat, beta)
+        gram_matrix * scale * scale, present,
+        random_task_orders(rng, num_tasks), state.phi_hat, beta)
     weights = jnp.where(present, coefs.T, 0.0).sum(axis=1)  # [K]
-    direction = jnp.matmul(weights.astype(grads.dtype), grads,
-                           precision=_HIGHEST)  # [P]
     # Only valid pairs were written; `where` makes "unchanged" exact for pairs
     # with an absent task whatever the dtype round trip does.
+    mask2 = present[:, None] & present[None, :]
     phi_hat = jnp.where(mask2, phi_hat.astype(state.phi_hat.dtype),
                         state.phi_hat)
-    return direction, GradVacState(phi_hat=phi_hat)
+    return weights, GradVacState(phi_hat=phi_hat)
 
-  return Aggregator(init, update, rep_grad_ok=False)
+  return gram_based(init, from_gram, rep_grad_ok=False)

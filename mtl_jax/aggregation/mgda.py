@@ -42,7 +42,6 @@ from mtl_jax.aggregation import solvers
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 APPLY_TO = ("normalized", "raw")
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def gradient_normalizers(sq_norms: jax.Array, losses: jax.Array | None,
@@ -86,9 +85,10 @@ def mgda(normalization: str = "none", apply_to: str = "normalized"
       normalised or the raw gradients, see the module docstring.
 
   Returns:
-    A stateless Aggregator with `rep_grad_ok=True`. Absent tasks get weight
-    0; a single present task gives its (normalised) gradient; if any present
-    gradient is zero, or 0 is otherwise in the hull, the direction is 0.
+    A stateless Aggregator with `rep_grad_ok=True` and `from_gram`. Absent
+    tasks get weight 0; a single present task gives its (normalised)
+    gradient; if any present gradient is zero, or 0 is otherwise in the
+    hull, the direction is 0.
 
   Raises:
     ValueError: unknown `normalization` or `apply_to`.
@@ -101,22 +101,21 @@ def mgda(normalization: str = "none", apply_to: str = "normalized"
                      f"{', '.join(APPLY_TO)}")
   needs_losses = normalization in ("loss", "loss+")
 
-  def aggregate(grads, *, losses=None, counts=None, rng=None):
+  def weights_fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+                 ) -> jax.Array:
     del rng
     if needs_losses and losses is None:
       raise ValueError(f"mgda(normalization={normalization!r}) needs losses")
-    k = grads.shape[0]
-    present = base.present_mask(counts, k)
-    g = base.zero_absent(grads, present)  # [K, P]
-    # The Gram matrix of G / s (s an exact power of two) stays in float32
-    # range for huge or tiny gradients; alpha is invariant to s.
-    m, scale = base.scaled_gram(g)  # [K, K], gram(g / scale)
-    n = gradient_normalizers(jnp.diagonal(m), losses, normalization)  # [K]
+    present = base.present_mask(counts, gram_matrix.shape[0])  # [K]
+    # alpha is invariant to the scale of the Gram matrix of G / s.
+    n = gradient_normalizers(jnp.diagonal(gram_matrix), losses,
+                             normalization)  # [K]
     # Gram matrix of the normalised gradients, without forming them.
-    alpha = solvers.min_norm_simplex(m / jnp.outer(n, n), present)  # [K]
+    alpha = solvers.min_norm_simplex(gram_matrix / jnp.outer(n, n),
+                                     present)  # [K]
     weights = alpha / n if apply_to == "normalized" else alpha
     if apply_to == "normalized" and normalization in ("l2", "loss+"):
       weights = weights / scale  # n holds the norms of G / s, not of G
-    return jnp.matmul(weights.astype(g.dtype), g, precision=_HIGHEST)
+    return weights
 
-  return base.stateless(aggregate, rep_grad_ok=True)
+  return base.stateless_gram_based(weights_fn, rep_grad_ok=True)

@@ -23,8 +23,10 @@ As in the official code:
 * `max_norm > 0` clips the direction to that Euclidean norm, as the official
   `backward` does with `torch.nn.utils.clip_grad_norm_(shared_parameters,
   max_norm)` after `loss.backward()` (same formula: scale by
-  `min(1, max_norm / (|d| + 1e-6))`). It acts on the aggregated direction of
-  the shared parameters only; task-specific parameters are not clipped.
+  `min(1, max_norm / (|d| + 1e-6))`; here `|d|` comes from the Gram matrix,
+  `|d|^2 = w^T G G^T w` for the weights w of d, plus a bound on its float32
+  rounding, see `_direction_norm_bound`). It acts on the aggregated direction
+  of the shared parameters only; task-specific parameters are not clipped.
 
 Absent tasks (count 0) get weight 0 in the direction and keep their stored
 weight. A present task whose gradient is exactly zero has no bargaining
@@ -68,6 +70,41 @@ def _frobenius(m: jax.Array) -> jax.Array:
   return safe * jnp.sqrt(jnp.sum(jnp.square(m / safe)))
 
 
+def _direction_norm_bound(weights: jax.Array, gram_matrix: jax.Array,
+                          scale: jax.Array) -> jax.Array:
+  """Upper bound on the norm of `weights @ G` in float32, from the Gram matrix.
+
+  `M = gram_matrix` is the Gram matrix of `G / scale`, so `|d|^2 = scale^2
+  w^T M w`. When d is short next to `t = sum_k |w_k| |g_k| / scale`
+  (conflicting gradients with large weights, e.g. `g_2 = -g_1`, where no
+  bargaining solution exists), `w^T M w` loses its accuracy to cancellation
+  and the computed `w @ G` is mostly rounding noise, up to ~K eps t. Their
+  rounding bounds, `K eps t^2` and `K eps t`, are added, so that such a
+  direction is clipped too (its exact norm may be 0). On well-conditioned
+  weights this changes the norm by ~K^2 eps relative; a short d (`|d| / t`
+  below ~sqrt(K eps)) is clipped more than its own norm would ask. w is
+  divided by a power of two first so that nothing overflows (which would clip
+  the direction to 0) or underflows.
+
+  Args:
+    weights: `[K]` weights of the direction.
+    gram_matrix: `[K, K]` Gram matrix of `G / scale`.
+    scale: the power of two `scale`.
+
+  Returns:
+    A float32 scalar, at least `|d|` up to float32 rounding.
+  """
+  wscale = base.power_of_two_scale(weights)
+  wn = weights / wscale  # [K]
+  sq_norm = jnp.dot(wn, jnp.matmul(gram_matrix, wn, precision=_HIGHEST),
+                    precision=_HIGHEST)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))  # [K]
+  t = jnp.dot(jnp.abs(wn), norms, precision=_HIGHEST)
+  tol = weights.shape[0] * jnp.finfo(jnp.float32).eps
+  norm = jnp.sqrt(jnp.maximum(sq_norm, 0.0) + tol * t * t) + tol * t
+  return wscale * norm * scale
+
+
 def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
              gram_normalization: str = "frobenius") -> base.Aggregator:
   """Nash-MTL (Navon et al., 2022) as an Aggregator.
@@ -81,7 +118,8 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
       weights of the paper's equation), see the module docstring.
 
   Returns:
-    An Aggregator with state `NashMTLState` (`rep_grad_ok=False`).
+    An Aggregator with state `NashMTLState` (`rep_grad_ok=False`) and
+    `from_gram` (the clipping included in its weights).
 
   Raises:
     ValueError: `update_weights_every < 1`, a negative or non-finite
@@ -105,12 +143,11 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
     return NashMTLState(alpha=jnp.ones((num_tasks,), jnp.float32),
                         step=jnp.zeros((), jnp.int32))
 
-  def solve(g, present, old_alpha):
-    # The Gram matrix of G / s (s an exact power of two) stays in float32
-    # range for huge or tiny gradients; the exact weights scale as 1 / s.
-    m, scale = base.scaled_gram(g)  # [K, K], gram(g / scale)
-    active = present & (jnp.diagonal(m) > 0)  # [K]
-    m = jnp.where(active[:, None] & active[None, :], m, 0.0)
+  def solve(gram_matrix, scale, present, old_alpha):
+    # `gram_matrix` is the Gram matrix of G / s (s an exact power of two, so
+    # that it stays in float32 range); the exact weights scale as 1 / s.
+    active = present & (jnp.diagonal(gram_matrix) > 0)  # [K]
+    m = jnp.where(active[:, None] & active[None, :], gram_matrix, 0.0)
     if gram_normalization == "frobenius":
       fro = _frobenius(m)
       m = m / jnp.where(fro > 0, fro, 1.0)
@@ -119,24 +156,18 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
       alpha = alpha / scale
     return jnp.where(active, alpha, old_alpha)
 
-  def update(grads, state, *, losses=None, counts=None, rng=None):
+  def from_gram(gram_matrix, scale, state, *, losses=None, counts=None,
+                rng=None):
     del losses, rng
-    k = grads.shape[0]
-    present = base.present_mask(counts, k)
-    g = base.zero_absent(grads, present)  # [K, P]
+    present = base.present_mask(counts, gram_matrix.shape[0])  # [K]
     recompute = state.step % every == 0
-    alpha = jax.lax.cond(recompute, lambda: solve(g, present, state.alpha),
-                         lambda: state.alpha)  # [K]
+    alpha = jax.lax.cond(
+        recompute, lambda: solve(gram_matrix, scale, present, state.alpha),
+        lambda: state.alpha)  # [K]
     weights = jnp.where(present, alpha, 0.0)
-    direction = jnp.matmul(weights.astype(g.dtype), g, precision=_HIGHEST)
     if max_norm > 0:
-      # Rescaled so that the squares cannot overflow (|d| >~ 1e19) to inf,
-      # which would clip the direction to 0.
-      dscale = base.power_of_two_scale(direction)
-      norm = dscale * jnp.linalg.norm(
-          direction.astype(jnp.float32) / dscale)
-      coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-      direction = direction * coef.astype(direction.dtype)
-    return direction, NashMTLState(alpha=alpha, step=state.step + 1)
+      norm = _direction_norm_bound(weights, gram_matrix, scale)
+      weights = weights * jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return weights, NashMTLState(alpha=alpha, step=state.step + 1)
 
-  return base.Aggregator(init, update, rep_grad_ok=False)
+  return base.gram_based(init, from_gram, rep_grad_ok=False)

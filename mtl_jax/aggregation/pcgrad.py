@@ -33,9 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import Aggregator, gram, present_mask, stateless
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from mtl_jax.aggregation.base import (Aggregator, present_mask,
+                                     stateless_gram_based)
 
 
 def random_task_orders(rng: jax.Array, num_tasks: int) -> jax.Array:
@@ -97,23 +96,24 @@ def pcgrad() -> Aggregator:
   scaling of the gradients, negative scales included.
 
   Returns:
-    A stateless `Aggregator` with `rep_grad_ok=False` (the projections are
-    defined on parameter gradients; LibMTL refuses representation gradients).
+    A stateless `Aggregator` with `from_gram` and `rep_grad_ok=False` (the
+    projections are defined on parameter gradients; LibMTL refuses
+    representation gradients).
   """
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
+         ) -> jax.Array:
     del losses
     if rng is None:
       raise ValueError("pcgrad needs an rng key (random projection orders)")
-    num_tasks = grads.shape[0]
+    num_tasks = gram_matrix.shape[0]
     present = present_mask(counts, num_tasks)  # [K]
-    mask2 = present[:, None] & present[None, :]
-    # Absent rows are zero by contract; masking the Gram keeps them out even
-    # if they were not, without a [K, P] copy.
-    gm = jnp.where(mask2, gram(grads), 0.0)  # [K, K]
-    coefs = pcgrad_coefficients(gm, present,
+    # The plain Gram matrix G G^T, as `update` has always used it: the result
+    # depends on it only up to a positive factor, but where G G^T overflows
+    # (|g| >~ 1e19) or underflows no projection is made. Multiplying by s
+    # twice overflows only where G G^T does.
+    coefs = pcgrad_coefficients(gram_matrix * scale * scale, present,
                                 random_task_orders(rng, num_tasks))
-    weights = jnp.where(present, coefs.T, 0.0).sum(axis=1)  # [K]
-    return jnp.matmul(weights, grads, precision=_HIGHEST)  # [P]
+    return jnp.where(present, coefs.T, 0.0).sum(axis=1)  # [K]
 
-  return stateless(fn, rep_grad_ok=False)
+  return stateless_gram_based(fn, rep_grad_ok=False)

@@ -34,8 +34,6 @@ import numpy as np
 from mtl_jax.aggregation import base
 from mtl_jax.aggregation import solvers
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 def _check_pref(pref_vector, name):
   if pref_vector is None:
@@ -72,17 +70,19 @@ def _make(pref_vector, name, weights_fn):
                        f"{num_tasks} tasks")
     return base.EmptyState()
 
-  def update(grads, state, *, losses=None, counts=None, rng=None):
+  def from_gram(gram_matrix, scale, state, *, losses=None, counts=None,
+                rng=None):
     del losses, rng
-    k = grads.shape[0]
-    present = base.present_mask(counts, k)
-    g = base.zero_absent(grads, present)  # [K, P]
-    m = base.gram(g)  # [K, K]
+    present = base.present_mask(counts, gram_matrix.shape[0])
+    # The plain Gram matrix G G^T, as `update` has always used it: the result
+    # depends on it only up to a positive factor, but where G G^T overflows
+    # (|g| >~ 1e19) or underflows no projection is made. Multiplying by s
+    # twice overflows only where G G^T does.
+    m = gram_matrix * scale * scale  # [K, K]
     p = _pref_weights(pref, present, name)  # [K]
-    w = weights_fn(p, m, present)  # [K]
-    return jnp.matmul(w.astype(g.dtype), g, precision=_HIGHEST), state
+    return weights_fn(p, m, present), state  # [K]
 
-  return base.Aggregator(init, update, rep_grad_ok=False)
+  return base.gram_based(init, from_gram, rep_grad_ok=False)
 
 
 def upgrad_weights(pref: jax.Array, m: jax.Array, present: jax.Array
@@ -108,9 +108,10 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> base.Aggregator:
       present tasks.
 
   Returns:
-    A stateless Aggregator (`rep_grad_ok=False`). The direction satisfies
-    `d . g_k >= 0` for every present task, equals g for a single task, is 0
-    when all gradients are 0, and is linear under positive scaling of G.
+    A stateless Aggregator (`rep_grad_ok=False`) with `from_gram`. The
+    direction satisfies `d . g_k >= 0` for every present task, equals g for
+    a single task, is 0 when all gradients are 0, and is linear under
+    positive scaling of G.
 
   Raises:
     ValueError: `pref_vector` is not a list of finite values, or (at `init`)
@@ -128,8 +129,8 @@ def dualproj(pref_vector: Sequence[float] | None = None) -> base.Aggregator:
       present tasks.
 
   Returns:
-    A stateless Aggregator (`rep_grad_ok=False`), with the same guarantees
-    as `upgrad`.
+    A stateless Aggregator (`rep_grad_ok=False`) with `from_gram`, with the
+    same guarantees as `upgrad`.
 
   Raises:
     ValueError: as for `upgrad`.

@@ -37,10 +37,12 @@ import optax
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.aggregation.base import Aggregator, flatten_task_grads
+from mtl_jax.training import gram as gram_lib
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
 
 Batch = Mapping[str, Any]
+JACOBIAN_MODES = ("auto", "factored", "full")
 
 # The trunks name their last shared layer "features" (GradNorm's W).
 DEFAULT_GRAD_NORM_PATH = ("features",)
@@ -100,6 +102,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     aggregator: Aggregator | None = None,
                     rep_grad: bool = False,
                     chunk_size: int | None = None,
+                    jacobian: str = "auto",
                     grad_norm_path: Sequence[str] = DEFAULT_GRAD_NORM_PATH,
                     pass_task_presence: bool = False,
                     schedule: optax.Schedule | None = None,
@@ -121,6 +124,17 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     rep_grad: aggregate gradients w.r.t. the shared representation instead of
       the shared params (needs an aggregator with `rep_grad_ok`).
     chunk_size: map the per-task VJP over chunks of this many tasks.
+    jacobian: how a Gram-based aggregator (`aggregator.from_gram`) gets the
+      per-task gradients of the shared params. "auto": factored
+      (`mtl_jax.training.gram`): the Gram matrix comes from the shared dense
+      layers' inputs and per-task output gradients (for each layer where
+      that costs less than forming its rows; other leaves keep their
+      per-task gradients) and the direction from the same factors, never
+      forming the `[K, P]` matrix. "factored": the same, factoring every
+      shared dense layer whatever the cost. "full": the `[K, P]` matrix and
+      `aggregator.update` (also what the other modes do for GradDrop, with
+      `rep_grad`, and with weightings that need gradient norms). All give
+      the same update up to float rounding.
     grad_norm_path: path of the last shared layer inside `params["shared"]`,
       for weightings that need per-task gradient norms (GradNorm).
     pass_task_presence: call the model with `task_presence=[B, K]` (1 where
@@ -144,8 +158,14 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   if rep_grad and not aggregator.rep_grad_ok:
     raise ValueError("this aggregator is not valid on representation "
                      "gradients; use rep_grad=False")
+  if jacobian not in JACOBIAN_MODES:
+    raise ValueError(f"unknown jacobian mode {jacobian!r}; valid: "
+                     f"{', '.join(JACOBIAN_MODES)}")
   needs_norms = "grad_norms" in weighting.needs
   num_tasks = len(tasks)
+  factored = (jacobian != "full" and aggregator is not None
+              and aggregator.from_gram is not None and not rep_grad
+              and not needs_norms)
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -159,16 +179,130 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     return {"task_presence": tasks_lib.task_presence(batch["masks"],
                                                       tasks.names)}  # [B, K]
 
+  def forward(params, inputs, batch, key):
+    return apply_fn({"params": params}, inputs, train=True,
+                    rngs={"dropout": key}, mutable=[AUX_LOSSES],
+                    **model_kwargs(batch))
+
   def loss_sums_fn(params, inputs, batch, key):
     """`((loss_sums [K], aux_total), (counts [K], aux_losses))`."""
-    preds, collections = apply_fn(
-        {"params": params}, inputs, train=True, rngs={"dropout": key},
-        mutable=[AUX_LOSSES], **model_kwargs(batch))
+    preds, collections = forward(params, inputs, batch, key)
     tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
     sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)
     aux = _flatten_aux(collections.get(AUX_LOSSES, {}))
     aux_total = sum(aux.values(), jnp.zeros((), jnp.float32))
     return (sums, aux_total), (counts, aux)
+
+  def finish(state, batch, grads, weights, losses, counts, denom,
+             weighting_state, aggregation_state, aux_total, aux, dropout_key):
+    """The optimizer update, the post-update weighting state and the metrics."""
+    params = state.params
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if weighting.post_update is not None:
+      (new_sums, _), _ = loss_sums_fn(new_params, batch["inputs"], batch,
+                                      dropout_key)
+      weighting_state = weighting.post_update(psum(new_sums) / denom, counts,
+                                              weighting_state)
+    new_state = state.replace(step=state.step + 1, params=new_params,
+                              opt_state=opt_state,
+                              weighting_state=weighting_state,
+                              aggregation_state=aggregation_state)
+    metrics = {"loss": jnp.sum(weights * losses) + pmean(aux_total),
+               "grad_norm": optax.tree.norm(grads)}
+    for name, value in aux.items():
+      metrics[f"aux/{name}"] = pmean(value)
+    if schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    for k, name in enumerate(tasks.names):
+      metrics[f"{name}/loss"] = losses[k]
+      metrics[f"{name}/count"] = counts[k]
+      metrics[f"{name}/weight"] = weights[k]
+    return new_state, metrics
+
+
+  def others_and_aux(vjp_fn, weights, denom, aux, aux_scale):
+    """Global grads of everything outside "shared" (`sum_k w_k grad L_k`
+    plus the auxiliary losses'), and under "shared" the auxiliary losses'
+    gradient if there are any (else the entry is absent).
+
+    Task params only see their own task's loss, so the weighted sum gives each
+    head exactly its task's weighted gradient; XLA prunes the unused backward
+    pass through the shared layers when there is no auxiliary loss.
+    """
+    cotangent = (weights / denom, jnp.asarray(aux_scale))
+    grads = dict(vjp_fn(cotangent)[0])
+    if aux:
+      grads["shared"] = vjp_fn(
+          (jnp.zeros_like(weights), jnp.asarray(aux_scale)))[0]["shared"]
+    else:
+      del grads["shared"]
+    return psum(grads)
+
+  def columnwise_update(shared, agg_state, losses, counts, key):
+    """A columnwise aggregator applied to each shared leaf `[K, ...]` alone
+    (no `[K, P]` matrix), with its own key per leaf."""
+    leaves, treedef = jax.tree.flatten(shared)
+    out = []
+    for i, leaf in enumerate(leaves):
+      # Kernels in the order the batched VJP computes them ([K, out, in]):
+      # reading JAX's [K, in, out] would be a strided pass over the rows.
+      rows = jnp.swapaxes(leaf, -1, -2) if leaf.ndim == 3 else leaf
+      d, agg_state = aggregator.update(
+          rows.reshape(rows.shape[0], -1), agg_state, losses=losses,
+          counts=counts, rng=jax.random.fold_in(key, i))
+      d = d.reshape(rows.shape[1:])
+      out.append(jnp.swapaxes(d, -1, -2) if leaf.ndim == 3 else d)
+    return jax.tree.unflatten(treedef, out), agg_state
+
+  def factored_step(state, batch, weighting_key, aggregator_key,
+                    dropout_key):
+    """The step of a Gram-based aggregator without the `[K, P]` Jacobian."""
+    params = state.params
+    run = lambda: forward(params, batch["inputs"], batch, dropout_key)
+    num_devices = jax.lax.axis_size(axis_name) if axis_name else 1
+    sites = gram_lib.find_dense_sites(run, params, num_tasks=num_tasks,
+                                      num_devices=num_devices,
+                                      every=jacobian == "factored")
+    eps = gram_lib.perturbations(sites, run)
+
+    def sums_fn(p, eps):
+      inputs: dict[str, list[jax.Array]] = {}
+      with gram_lib.intercepting(sites, eps, inputs):
+        (sums, aux_total), (counts, aux) = loss_sums_fn(
+            p, batch["inputs"], batch, dropout_key)
+      return (sums, aux_total), (counts, aux, inputs)
+
+    (sums, aux_total), vjp_fn, (counts, aux, inputs) = jax.vjp(
+        sums_fn, params, eps, has_aux=True)
+    aux_scale = 1.0 / jax.lax.psum(1, axis_name) if axis_name else 1.0
+    counts = psum(counts)  # [K] global label counts
+    denom = jnp.maximum(counts, 1.0)
+    losses = psum(sums) / denom  # [K] global task losses
+    present = counts > 0
+    # The per-task VJP of each task's global mean loss, from one forward pass.
+    param_cts, eps_cts = batched_vjp(
+        lambda c: vjp_fn((c, jnp.zeros((), jnp.float32))),
+        jnp.diag(1.0 / denom), chunk_size)
+    jac = gram_lib.factor(sites, inputs, eps_cts, param_cts["shared"])
+
+    weights, weighting_state = weighting.update(
+        losses, counts, state.weighting_state, rng=weighting_key)
+    weights = jax.lax.stop_gradient(weights)  # [K]
+    # The aggregator sees the rows w_k grad L_k (as with jacobian="full").
+    gram_matrix, scale = gram_lib.scaled_gram(jac, weights, present, axis_name,
+                                              chunk_size)
+    alpha, aggregation_state = aggregator.from_gram(
+        gram_matrix, scale, state.aggregation_state, losses=losses,
+        counts=counts, rng=aggregator_key)
+    coeffs = jnp.where(present, alpha * weights, 0.0)
+    grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
+    shared = psum(gram_lib.combine(jac, coeffs))
+    grads["shared"] = (shared if not aux else
+                       jax.tree.map(jnp.add, shared, grads["shared"]))
+    return finish(state, batch, grads, weights, losses, counts, denom,
+                  weighting_state, aggregation_state, aux_total, aux,
+                  dropout_key)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     base_key = jax.random.fold_in(state.rng, state.step)
@@ -181,6 +315,9 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       dropout_key = jax.random.fold_in(base_key, jax.lax.axis_index(axis_name))
     params = state.params
 
+    if factored:
+      return factored_step(state, batch, weighting_key, aggregator_key,
+                           dropout_key)
     if rep_grad:
       features, encode_vjp = jax.vjp(
           lambda shared: apply_fn({"params": {**params, "shared": shared}},
@@ -210,7 +347,6 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     # Auxiliary losses (penalties, discriminators) are means over each
     # device's rows: their global value is the mean over devices.
     aux_scale = 1.0 / jax.lax.psum(1, axis_name) if axis_name else 1.0
-    zeros_k = jnp.zeros((num_tasks,), jnp.float32)
 
     counts = psum(counts)  # [K] global label counts
     denom = jnp.maximum(counts, 1.0)
@@ -262,45 +398,26 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                **psum(jax.tree.map(
                    lambda g: jnp.tensordot(weights, g, axes=1), head_grads))}
     else:
-      per_task = psum(per_task)  # global per-task gradients
+      # Global per-task gradients of the shared params, rows w_k grad L_k.
       shared = jax.tree.map(
           lambda g: g * weights.reshape((-1,) + (1,) * (g.ndim - 1)),
-          per_task["shared"])
-      matrix, unflatten = flatten_task_grads(shared)  # [K, P]
-      direction, aggregation_state = aggregator.update(
-          matrix, state.aggregation_state, losses=losses, counts=counts,
-          rng=aggregator_key)
-      # Each task's own params only see that task's loss: summing the rows
-      # gives every head exactly its task's weighted gradient.
-      grads = {k: (unflatten(direction) if k == "shared" else jax.tree.map(
-          lambda g: jnp.tensordot(weights, g, axes=1), v))
-               for k, v in per_task.items()}
-      if aux:  # auxiliary losses are added to the aggregated direction
-        aux_grads = psum(vjp_fn((zeros_k, jnp.asarray(aux_scale)))[0])
-        grads = jax.tree.map(jnp.add, grads, aux_grads)
+          psum(per_task["shared"]))
+      if aggregator.columnwise:
+        direction, aggregation_state = columnwise_update(
+            shared, state.aggregation_state, losses, counts, aggregator_key)
+      else:
+        matrix, unflatten = flatten_task_grads(shared)  # [K, P]
+        direction, aggregation_state = aggregator.update(
+            matrix, state.aggregation_state, losses=losses, counts=counts,
+            rng=aggregator_key)
+        direction = unflatten(direction)
+      grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
+      grads["shared"] = (direction if not aux else
+                         jax.tree.map(jnp.add, direction, grads["shared"]))
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if weighting.post_update is not None:
-      (new_sums, _), _ = loss_sums_fn(new_params, batch["inputs"], batch,
-                                      dropout_key)
-      weighting_state = weighting.post_update(psum(new_sums) / denom, counts,
-                                              weighting_state)
-    new_state = state.replace(step=state.step + 1, params=new_params,
-                              opt_state=opt_state,
-                              weighting_state=weighting_state,
-                              aggregation_state=aggregation_state)
-    metrics = {"loss": jnp.sum(weights * losses) + pmean(aux_total),
-               "grad_norm": optax.tree.norm(grads)}
-    for name, value in aux.items():
-      metrics[f"aux/{name}"] = pmean(value)
-    if schedule is not None:
-      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    for k, name in enumerate(tasks.names):
-      metrics[f"{name}/loss"] = losses[k]
-      metrics[f"{name}/count"] = counts[k]
-      metrics[f"{name}/weight"] = weights[k]
-    return new_state, metrics
+    return finish(state, batch, grads, weights, losses, counts, denom,
+                  weighting_state, aggregation_state, aux_total, aux,
+                  dropout_key)
 
   return step
 

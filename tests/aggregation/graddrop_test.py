@@ -8,6 +8,7 @@ import pytest
 # Names, not modules: the package re-exports `graddrop` the function, which
 # shadows the submodule attribute.
 from mtl_jax.aggregation.graddrop import graddrop
+from mtl_jax.aggregation.graddrop import hash_uniforms
 from mtl_jax.aggregation.graddrop import sign_dropout
 
 SIGN_DROPOUT = jax.jit(sign_dropout)
@@ -54,7 +55,7 @@ def test_leak():
 
 def test_update_uses_one_uniform_per_coordinate_from_rng():
   key = jax.random.key(7)
-  uniforms = jax.random.uniform(key, (G.shape[1],), jnp.float32)
+  uniforms = hash_uniforms(key, (G.shape[1],))
   np.testing.assert_allclose(_run(UPDATE, G, [1.0, 1.0], key),
                              _drop(G, uniforms))
   # Over many keys the mixed columns take both outcomes, the others do not.
@@ -63,6 +64,31 @@ def test_update_uses_one_uniform_per_coordinate_from_rng():
   assert {o[1] for o in outcomes} == {1.0, -2.0}
   assert {o[2] for o in outcomes} == {3.0, -1.0}
   assert {o[0] for o in outcomes} == {3.0} and {o[3] for o in outcomes} == {0.0}
+
+
+def test_hash_uniforms_are_uniform_and_independent():
+  """2^18 draws: bin counts pass a chi-square test, moments match U[0, 1),
+  and neighbouring coordinates, other keys and other shapes are
+  uncorrelated. Deterministic for a key."""
+  n = 2 ** 18
+  u = np.asarray(hash_uniforms(jax.random.key(0), (n,)), np.float64)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  assert np.all(u * 2 ** 24 == np.floor(u * 2 ** 24))  # a 2^-24 grid
+  counts = np.bincount((u * 256).astype(int), minlength=256)
+  chi2 = np.sum((counts - n / 256) ** 2 / (n / 256))
+  assert chi2 < 255 + 6 * np.sqrt(2 * 255)  # mean 255, sd 22.6: 6 sd
+  assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / n)
+  assert abs(u.var() - 1 / 12) < 0.002
+  tol = 6 / np.sqrt(n)  # 6 sd of a correlation of independent draws
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < tol
+  assert abs(np.corrcoef(u[::2], u[1::2])[0, 1]) < tol * np.sqrt(2)
+  other = np.asarray(hash_uniforms(jax.random.key(1), (n,)), np.float64)
+  assert abs(np.corrcoef(u, other)[0, 1]) < tol
+  np.testing.assert_array_equal(
+      np.asarray(hash_uniforms(jax.random.key(0), (n,))), u.astype(np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(hash_uniforms(jax.random.key(0), (4, 8))).ravel(),
+      u[:32].astype(np.float32))
 
 
 def test_absent_task_equals_submatrix():

@@ -1,0 +1,406 @@
+"""The per-task Gram matrix of the shared params without the `[K, P]` Jacobian.
+
+A Gram-based aggregator (`Aggregator.from_gram`, every method but GradDrop)
+needs the task gradients `g_k = grad L_k` of the shared params only through
+their Gram matrix `G_kl = <g_k, g_l>`, and returns `d = sum_k c_k g_k`. For a
+dense layer `y = x W + b` applied to `N` rows `A [N, in]` with per-task output
+gradients `D_k = dL_k/dy [N, out]`, the task gradients are
+`grad_W L_k = A^T D_k` and `grad_b L_k = 1^T D_k`, so
+
+  <grad_W L_k, grad_W L_l> = <D_k, (A A^T) D_l>          (Frobenius)
+  sum_k c_k grad_W L_k     = A^T (sum_k c_k D_k)
+
+(Goodfellow 2015's per-example gradient-norm trick, TorchJD's "autogram"). The
+first costs `N^2 in + K N^2 out` multiply-adds and `K N out` floats of memory,
+where forming the kernel's rows costs `K N in out` and `K in out` floats: for
+the benchmark MLP (N = 256 examples, 784-512-512-256, K = 4) about half the
+arithmetic and none of the `[K, P]` traffic. The second reuses the `D_k` of
+the per-task backward pass: no further pass through the trunk.
+
+`FactoredJacobian` gets the `A` and `D_k` of every `flax.linen.Dense` under
+`params["shared"]` with a method interceptor: each call's input is recorded and
+a zero "perturbation" is added to its output, whose cotangent is `D`. A dense
+layer is factored when that is cheaper than forming its rows (`N^2 in + K N^2
+out < K N in out`, and `N <= MAX_ROWS`); every other shared leaf (convolutions,
+norms, embeddings, dense layers with many rows) keeps its per-task gradient
+`[K, ...]` from the same batched VJP, and contributes `J J^T` and `c @ J`.
+
+Limits: layers are found by type (`nn.Dense`, default `dot_general`) and
+path; a Dense inside a lifted transform (`nn.scan`, `nn.vmap`, `nn.remat`)
+has no matching param of the expected shape or may leak tracers: use
+`jacobian="full"` in `make_train_step` for such models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.aggregation import base
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+SHARED = "shared"
+# Above this many rows a dense layer's N x N matrix A A^T (4 N^2 bytes) is not
+# worth it: its rows are formed instead.
+MAX_ROWS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSite:
+  """A shared dense layer whose task gradients are kept factored.
+
+  Attributes:
+    path: the module path, starting with "shared" (also its params' path).
+    calls: how many times the layer is called in one forward pass.
+    in_dim, out_dim: kernel shape.
+    rows: `N`, rows over all calls (per device under pmap).
+    use_bias: whether the layer has a bias.
+  """
+
+  path: tuple[str, ...]
+  calls: int
+  in_dim: int
+  out_dim: int
+  rows: int
+  use_bias: bool
+
+
+def _is_plain_dense(module: nn.Module) -> bool:
+  return (type(module) is nn.Dense  # pylint: disable=unidiomatic-typecheck
+          and module.dot_general is None and module.dot_general_cls is None)
+
+
+def _lookup(tree: Any, path: Sequence[str]) -> Any:
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
+                     num_tasks: int, num_devices: int = 1,
+                     every: bool = False) -> tuple[DenseSite, ...]:
+  """The shared dense layers worth factoring, found by tracing `apply()`.
+
+  Args:
+    apply: runs the model's forward pass (traced abstractly, never run).
+    params: the model params (`params["shared"]` holds the shared ones).
+    num_tasks: K (the cost model compares both ways).
+    num_devices: devices whose rows are gathered under pmap.
+    every: factor every plain shared dense layer, whatever the cost model
+      says (`MAX_ROWS` still applies).
+
+  Returns:
+    The sites, in call order of their first call.
+  """
+  found: dict[tuple[str, ...], list[tuple[int, int, int]]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__" and _is_plain_dense(module)
+        and module.path[:1] == (SHARED,) and args):
+      x = args[0]
+      found.setdefault(tuple(module.path), []).append(
+          (x.shape[-1], module.features, math.prod(x.shape[:-1])))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: apply())  # a new function: no cached trace
+
+  sites = []
+  for path, calls in found.items():
+    in_dim, out_dim, _ = calls[0]
+    kernel = _lookup(params, path + ("kernel",))
+    if kernel is None or tuple(kernel.shape) != (in_dim, out_dim):
+      continue  # e.g. inside nn.scan/nn.vmap: params of another shape
+    if any(c[:2] != (in_dim, out_dim) for c in calls):
+      continue
+    rows = sum(c[2] for c in calls)
+    n = rows * num_devices
+    factored_cost = n * n * in_dim + num_tasks * n * n * out_dim
+    rows_cost = num_tasks * n * in_dim * out_dim
+    if n > MAX_ROWS or (factored_cost >= rows_cost and not every):
+      continue
+    bias = _lookup(params, path + ("bias",))
+    sites.append(DenseSite(path, len(calls), in_dim, out_dim, rows,
+                           bias is not None))
+  return tuple(sites)
+
+
+def perturbations(sites: Sequence[DenseSite], apply: Callable[[], Any]
+                  ) -> dict[str, Any]:
+  """Zero output perturbations `{site_key: [call outputs]}` of the right shapes."""
+  wanted = {s.path for s in sites}
+  shapes: dict[tuple[str, ...], list[jax.ShapeDtypeStruct]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    path = tuple(context.module.path)
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and path in wanted:
+      shapes.setdefault(path, []).append(
+          jax.ShapeDtypeStruct(out.shape, out.dtype))
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: apply())  # a new function: no cached trace
+  return {site_key(path): [jnp.zeros(s.shape, s.dtype) for s in shapes[path]]
+          for path in shapes}
+
+
+def site_key(path: Sequence[str]) -> str:
+  return "/".join(path)
+
+
+def intercepting(sites: Sequence[DenseSite], eps: Mapping[str, Any],
+                 inputs_out: dict[str, list[jax.Array]]):
+  """A method interceptor adding `eps` to the sites' outputs, recording inputs.
+
+  `inputs_out[key]` receives each call's input `[..., in]` (in call order).
+  """
+  wanted = {site_key(s.path) for s in sites}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    key = site_key(context.module.path)
+    if key not in wanted:
+      return next_fun(*args, **kwargs)
+    calls = inputs_out.setdefault(key, [])
+    index = len(calls)
+    calls.append(args[0])
+    return next_fun(*args, **kwargs) + eps[key][index]
+
+  return nn.intercept_methods(interceptor)
+
+
+class FactoredJacobian(NamedTuple):
+  """The per-task gradients of the shared params, partly factored.
+
+  Attributes:
+    sites: the factored dense layers (static).
+    acts: `{key: A [N, in]}` per site (this device's rows).
+    deltas: `{key: D [K, N, out]}` per site.
+    leaves: the per-task gradients `[K, ...]` of the other shared params, a
+      pytree shaped like `params["shared"]` with None at factored leaves.
+  """
+
+  sites: tuple[DenseSite, ...]
+  acts: dict[str, jax.Array]
+  deltas: dict[str, jax.Array]
+  leaves: Any
+
+
+def factor(sites: Sequence[DenseSite], inputs: Mapping[str, list[jax.Array]],
+           eps_cotangents: Mapping[str, list[jax.Array]], shared_cotangents: Any
+           ) -> FactoredJacobian:
+  """Assembles a `FactoredJacobian` from one batched VJP's outputs.
+
+  Args:
+    sites: the factored layers.
+    inputs: `{key: [x of each call]}` recorded by `intercepting`.
+    eps_cotangents: `{key: [[K, ...out] per call]}`, the cotangents of the
+      perturbations (the per-task output gradients).
+    shared_cotangents: `[K, ...]` per-task gradients of `params["shared"]`
+      (the factored sites' leaves are ignored).
+  """
+  acts, deltas = {}, {}
+  factored = set()
+  for s in sites:
+    key = site_key(s.path)
+    acts[key] = jnp.concatenate(
+        [x.reshape(-1, s.in_dim) for x in inputs[key]], axis=0)
+    deltas[key] = jnp.concatenate(
+        [d.reshape(d.shape[0], -1, s.out_dim) for d in eps_cotangents[key]],
+        axis=1)
+    factored.add(s.path[1:] + ("kernel",))
+    if s.use_bias:
+      factored.add(s.path[1:] + ("bias",))
+
+  def keep(path, leaf):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    return None if names in factored else leaf
+
+  leaves = jax.tree_util.tree_map_with_path(keep, shared_cotangents)
+  return FactoredJacobian(tuple(sites), acts, deltas, leaves)
+
+
+def _rows(leaf: jax.Array) -> jax.Array:
+  return leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
+
+
+def _kernel_gram(a: jax.Array, d: jax.Array, chunk_size: int | None = None
+                 ) -> jax.Array:
+  """`[K, K]` Gram matrix of a dense kernel's task gradients `A^T D_k`.
+
+  With `chunk_size`, `(A A^T) D_k` is formed for that many tasks at a time
+  (memory `chunk_size N out` instead of `K N out`).
+  """
+  k = d.shape[0]
+  aa = jnp.matmul(a, a.T, precision=_HIGHEST)  # [N, N]
+  flat = d.reshape(k, -1)  # [K, N out]
+  if chunk_size is None or chunk_size >= k:
+    m = jnp.matmul(aa[None], d, precision=_HIGHEST)  # [K, N, out]
+    return jnp.matmul(flat, m.reshape(k, -1).T, precision=_HIGHEST)
+
+  def row(d_k):  # [N, out] -> [K]: one row of the Gram matrix
+    m_k = jnp.matmul(aa, d_k, precision=_HIGHEST)
+    return jnp.matmul(flat, m_k.reshape(-1), precision=_HIGHEST)
+
+  return jax.lax.map(row, d, batch_size=chunk_size)
+
+
+def _gather_rows(fj: FactoredJacobian, axis_name: str | None
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  if not axis_name:
+    return fj.acts, fj.deltas
+  gather = lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis,
+                                              tiled=True)
+  return ({k: gather(v, 0) for k, v in fj.acts.items()},
+          {k: gather(v, 1) for k, v in fj.deltas.items()})
+
+
+class _Term(NamedTuple):
+  """One site's kernel, one site's bias, or one unfactored leaf."""
+
+  plain: Callable[[], jax.Array]  # its Gram matrix
+  # `(c, rescaled)`: c a power of two bounding its factors, and
+  # `rescaled(s)` its Gram matrix divided by s^2, computed without overflow
+  # for s >= c.
+  rescaled: Callable[[], tuple[jax.Array, Callable[[jax.Array], jax.Array]]]
+
+
+def _terms(fj: FactoredJacobian, acts, deltas, leaves,
+           chunk_size: int | None) -> list[_Term]:
+  """The Gram terms of every site and unfactored leaf (unweighted rows)."""
+  terms = []
+  for s in fj.sites:
+    key = site_key(s.path)
+    a = acts[key].astype(jnp.float32)
+    d = deltas[key].astype(jnp.float32)
+
+    def kernel(a=a, d=d):
+      sa, sd = base.power_of_two_scale(a), base.power_of_two_scale(d)
+      return sa * sd, lambda c: _rescaled_kernel_gram(a, d, c, chunk_size)
+
+    terms.append(_Term(lambda a=a, d=d: _kernel_gram(a, d, chunk_size),
+                       kernel))
+    if s.use_bias:
+      b = lambda c=None, d=d: jnp.sum(d if c is None else d / c, axis=1)
+      terms.append(_Term(
+          lambda b=b: _plain_gram(b()),
+          lambda b=b, d=d: (base.power_of_two_scale(d),
+                            lambda c: _plain_gram(b(c)))))
+  for leaf in jax.tree.leaves(leaves):
+    rows = _rows(leaf)
+    terms.append(_Term(
+        lambda rows=rows: _plain_gram(rows),
+        lambda rows=rows: (base.power_of_two_scale(rows),
+                           lambda c: _plain_gram(rows / c))))
+  return terms
+
+
+def _rescaled_kernel_gram(a: jax.Array, d: jax.Array, c: jax.Array,
+                          chunk_size: int | None) -> jax.Array:
+  """`_kernel_gram(a, d) / c^2` for a power of two `c >= sa sd` (the powers of
+  two bringing `a` and `d` to `[1, 2)`), computed without overflow and
+  without a rescaled copy of `d`: each task's `D_k sa / c` is formed inside
+  a map over tasks (`chunk_size` at a time)."""
+  sa = base.power_of_two_scale(a)
+  an = a / sa  # [N, in], small
+  aa = jnp.matmul(an, an.T, precision=_HIGHEST)  # [N, N]
+  f = sa / c  # (a / sa)^T (d f) = a^T d / c, and |d f| <= 2
+
+  def row(d_k):  # [N, out] -> [K]
+    m_k = jnp.matmul(aa, d_k * f, precision=_HIGHEST)
+    return jax.lax.map(lambda d_l: jnp.vdot(d_l * f, m_k), d,
+                       batch_size=chunk_size or d.shape[0])
+
+  return jax.lax.map(row, d, batch_size=chunk_size or 1)
+
+
+def _plain_gram(rows: jax.Array) -> jax.Array:
+  return jnp.matmul(rows, rows.T, precision=_HIGHEST)
+
+
+def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
+                present: jax.Array, axis_name: str | None = None,
+                chunk_size: int | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """`(gram(rows / s), s)` of the rows `task_scale[k] * grad L_k`.
+
+  Like `aggregation.base.scaled_gram`: the plain Gram matrix when it is finite
+  and its diagonal far from underflow (s from the diagonal), otherwise every
+  term is recomputed from factors rescaled by one common power of two. Rows
+  and columns of absent tasks are zero.
+
+  Args:
+    fj: the factored per-task gradients of this device's rows.
+    task_scale: `[K]` row factors (the loss weights).
+    present: `bool [K]`.
+    axis_name: the pmap axis (rows are gathered, leaves are psum-ed).
+    chunk_size: form the dense layers' `(A A^T) D_k` for this many tasks at
+      a time.
+  """
+  acts, deltas = _gather_rows(fj, axis_name)
+  leaves = fj.leaves
+  if axis_name:
+    leaves = jax.lax.psum(leaves, axis_name)
+  task_scale = jnp.where(present, task_scale, 0.0).astype(jnp.float32)
+  mask = present[:, None] & present[None, :]
+  terms = _terms(fj, acts, deltas, leaves, chunk_size)
+  one = jnp.float32(1.0)
+  # The rows' weights multiply the [K, K] matrix, not the [K, N, out] factors.
+  plain = jnp.where(mask, jnp.outer(task_scale, task_scale) *
+                    sum(t.plain() for t in terms), 0.0)
+  diag_max = jnp.max(jnp.diagonal(plain))
+  safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
+
+  def fast(_):
+    _, exponent = jnp.frexp(jnp.sqrt(diag_max))
+    s = jnp.ldexp(one, exponent - 1)
+    return plain / (s * s), s
+
+  def rescaled(_):
+    # A term whose factors are at most c_t contributes (c_t / s)^2 times a
+    # Gram matrix of O(1) entries; with s = max_t c_t nothing overflows. The
+    # weights are brought to [1, 2) by their own power of two.
+    parts = [t.rescaled() for t in terms]
+    s = jnp.max(jnp.stack([c for c, _ in parts]))
+    s_w = base.power_of_two_scale(task_scale)
+    w = task_scale / s_w
+    g = jnp.outer(w, w) * sum(fn(s) for _, fn in parts)
+    return jnp.where(mask, g, 0.0), s * s_w
+
+  return jax.lax.cond(safe, fast, rescaled, None)
+
+
+def combine(fj: FactoredJacobian, coeffs: jax.Array) -> Any:
+  """`sum_k coeffs[k] grad L_k` of the shared params (this device's rows).
+
+  Returns a pytree shaped like `params["shared"]`.
+  """
+  out: dict[tuple[str, ...], jax.Array] = {}
+  for s in fj.sites:
+    key = site_key(s.path)
+    a, d = fj.acts[key], fj.deltas[key]
+    dc = jnp.tensordot(coeffs.astype(d.dtype), d, axes=1)  # [N, out]
+    out[s.path[1:] + ("kernel",)] = jnp.matmul(
+        a.T, dc.astype(a.dtype), precision=_HIGHEST)
+    if s.use_bias:
+      out[s.path[1:] + ("bias",)] = jnp.sum(dc, axis=0)
+
+  def fill(path, leaf):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    if leaf is None:
+      return out[names]
+    return jnp.tensordot(coeffs.astype(leaf.dtype), leaf, axes=1)
+
+  return jax.tree_util.tree_map_with_path(fill, fj.leaves,
+                                          is_leaf=lambda x: x is None)
