@@ -515,6 +515,15 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str) -> None:
     k, ms = zip(*sorted(points))
     ax.plot(k, ms, marker="o", label=label,
             linestyle="--" if label.startswith((EW, BASELINE)) else "-")
+  # A line proportional to K through the slowest method's smallest K: a
+  # method that grows linearly runs parallel to it.
+  slowest = max(series.values(), key=lambda p: max(ms for _, ms in p),
+                default=None)
+  if slowest and len(slowest) > 1:
+    k0, ms0 = min(slowest)
+    ks = sorted(k for k, _ in slowest)
+    ax.plot(ks, [ms0 * k / k0 for k in ks], color="gray", linestyle=":",
+            label="proportional to K")
   ax.set_xlabel("number of tasks K")
   ax.set_ylabel("ms per step (median)")
   ax.set_xscale("log", base=2)

@@ -60,3 +60,17 @@ def test_unknown_method_is_rejected_before_compiling():
     _main("--methods=ew,nope", "--steps=1")
   with pytest.raises(ValueError, match="--model=mlp only"):
     _main("--model=cnn", "--methods=baseline", "--steps=1")
+
+
+def test_jacobian_modes_are_timed_side_by_side():
+  rows = _main("--hidden=8", "--input_dim=6", "--batch_size=4",
+               "--num_tasks=2", "--steps=1", "--warmup=0",
+               "--jacobian=auto,full", "--methods=ew,mgda,graddrop")
+  # Each aggregator once per mode; the row says which path ran (GradDrop has
+  # no Gram form: full in both).
+  assert [(r["method"], r["jacobian"]) for r in rows] == [
+      ("ew", None), ("mgda", "factored"), ("mgda@full", "full"),
+      ("graddrop", "full"), ("graddrop@full", "full")]
+  with pytest.raises(ValueError, match=r"unknown --jacobian mode\(s\) "
+                     r"\['fast'\]; valid: auto, factored, full"):
+    _main("--jacobian=fast", "--steps=1")
