@@ -271,3 +271,37 @@ def test_columnwise_graddrop_step_with_full_leak_is_the_sum():
                 "full", batches)
   want, _ = _run(_mlp(), aggregation.get_aggregator("sum"), "full", batches)
   _assert_close(got.params, want.params)
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, carry, _):
+    return nn.tanh(nn.Dense(8)(carry)), None
+
+
+class _RematTrunk(nn.Module):
+  """Dense layers under nn.remat and inside an nn.scan'd block."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    del train
+    dense = nn.remat(nn.Dense)
+    h = nn.relu(dense(8)(x))
+    h, _ = nn.scan(_ScanBlock, variable_broadcast="params",
+                   split_rngs={"params": False}, length=2)()(h, None)
+    return nn.relu(dense(6, name="features")(h))
+
+
+def test_dense_inside_a_lifted_transform_is_left_unfactored():
+  """Lifted transforms run their layers in an inner trace: no site, and the
+  same step as the full path."""
+  model = build.make_hard_sharing_model(TASKS, _RematTrunk())
+  x = jnp.zeros((B, 4))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  assert gram_lib.find_dense_sites(
+      lambda: model.apply({"params": params}, x), params, num_tasks=3,
+      every=True) == ()
+  agg = aggregation.get_aggregator("mgda")
+  got, _ = _run(model, agg, "factored", [_batch(0)])
+  want, _ = _run(model, agg, "full", [_batch(0)])
+  _assert_close(got.params, want.params)

@@ -25,10 +25,10 @@ out < K N in out`, and `N <= MAX_ROWS`); every other shared leaf (convolutions,
 norms, embeddings, dense layers with many rows) keeps its per-task gradient
 `[K, ...]` from the same batched VJP, and contributes `J J^T` and `c @ J`.
 
-Limits: layers are found by type (`nn.Dense`, default `dot_general`) and
-path; a Dense inside a lifted transform (`nn.scan`, `nn.vmap`, `nn.remat`)
-has no matching param of the expected shape or may leak tracers: use
-`jacobian="full"` in `make_train_step` for such models.
+Layers are found by type (`nn.Dense` with the default `dot_general`) and
+path. A Dense inside a lifted transform (`nn.scan`, `nn.vmap`, `nn.remat`)
+runs in an inner trace and is left unfactored (its leaves keep their
+per-task gradients).
 """
 
 from __future__ import annotations
@@ -100,15 +100,23 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
   Returns:
     The sites, in call order of their first call.
   """
-  found: dict[tuple[str, ...], list[tuple[int, int, int]]] = {}
+  found: dict[tuple[str, ...], list[tuple[int, int, int | None]]] = {}
+  outer = []  # the trace level of the outermost module call
 
   def record(next_fun, args, kwargs, context):
     module = context.module
+    level = module.scope.trace_level
+    if not outer:
+      outer.append(level)
     if (context.method_name == "__call__" and _is_plain_dense(module)
         and module.path[:1] == (SHARED,) and args):
       x = args[0]
+      # A layer under nn.remat/nn.scan/nn.vmap runs in an inner trace (flax
+      # gives its scope another trace level): its input is not a value of
+      # the step. Never factored.
+      rows = math.prod(x.shape[:-1]) if level == outer[0] else None
       found.setdefault(tuple(module.path), []).append(
-          (x.shape[-1], module.features, math.prod(x.shape[:-1])))
+          (x.shape[-1], module.features, rows))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -120,7 +128,7 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
     kernel = _lookup(params, path + ("kernel",))
     if kernel is None or tuple(kernel.shape) != (in_dim, out_dim):
       continue  # e.g. inside nn.scan/nn.vmap: params of another shape
-    if any(c[:2] != (in_dim, out_dim) for c in calls):
+    if any(c[:2] != (in_dim, out_dim) or c[2] is None for c in calls):
       continue
     rows = sum(c[2] for c in calls)
     n = rows * num_devices

@@ -297,7 +297,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
         counts=counts, rng=aggregator_key)
     coeffs = jnp.where(present, alpha * weights, 0.0)
     grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
-    shared = psum(gram_lib.combine(jac, coeffs))
+    shared = jax.tree.map(lambda g, p: g.astype(p.dtype),
+                          psum(gram_lib.combine(jac, coeffs)), params["shared"])
     grads["shared"] = (shared if not aux else
                        jax.tree.map(jnp.add, shared, grads["shared"]))
     return finish(state, batch, grads, weights, losses, counts, denom,
