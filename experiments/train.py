@@ -78,6 +78,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 # computes the same numbers, up to float reduction order.
 MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
               "max_checkpoints_to_keep", "max_nonfinite_streak",
+              "aggregation.jacobian",
               "data.data_dir", "data.prefetch",
               "eval_batch_size",
               "parallelism", "sharding", "mesh.data")
@@ -94,6 +95,7 @@ class Experiment:
   aggregator: aggregation_lib.Aggregator | None
   rep_grad: bool
   chunk_size: int | None
+  jacobian: str
   grad_norm_path: tuple[str, ...]
   pass_task_presence: bool
   train_mixture: mixture_lib.Mixture
@@ -297,6 +299,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if config.aggregation.chunk_size < 0:
     raise ValueError("config.aggregation.chunk_size must be >= 0 (0: all tasks"
                      f" at once), got {config.aggregation.chunk_size}")
+  jacobian = config.aggregation.get("jacobian", "auto")
+  if jacobian not in step_lib.JACOBIAN_MODES:
+    raise ValueError(f"unknown config.aggregation.jacobian {jacobian!r}; "
+                     f"valid: {', '.join(step_lib.JACOBIAN_MODES)}")
   if config.aggregation.rep_grad and (aggregator is None or
                                       not aggregator.rep_grad_ok):
     raise ValueError(
@@ -319,6 +325,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       weighting=weighting, aggregator=aggregator,
       rep_grad=config.aggregation.rep_grad,
       chunk_size=config.aggregation.chunk_size or None,
+      jacobian=jacobian,
       grad_norm_path=grad_norm_path or (),
       pass_task_presence=arch == "adversarial",
       train_mixture=train_mixture, eval_stream=eval_stream,
@@ -390,7 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       step_lib.make_train_step(
           exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
           aggregator=exp.aggregator, rep_grad=exp.rep_grad,
-          chunk_size=exp.chunk_size, grad_norm_path=exp.grad_norm_path,
+          chunk_size=exp.chunk_size, jacobian=exp.jacobian,
+          grad_norm_path=exp.grad_norm_path,
           pass_task_presence=exp.pass_task_presence, schedule=exp.schedule,
           axis_name=par.axis_name), exp.tasks.names), state)
   writer = writers.MetricWriter(workdir, enabled=is_main)

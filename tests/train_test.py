@@ -118,6 +118,8 @@ def test_workdir_of_a_different_config_is_refused(small_data_dir, tmp_path):
      r"config.model.dropout_rate must be in \[0, 1\), got 1.5"),
     (dict(max_nonfinite_streak=0),
      r"config.max_nonfinite_streak must be an integer >= 1, got 0"),
+    (dict(**{"aggregation.jacobian": "fast"}),
+     r"unknown config.aggregation.jacobian 'fast'; valid: auto, factored, full"),
     (dict(**{"data.mixture.method": "zipf"}),
      r"unknown mixing method 'zipf'; valid: explicit, proportional"),
     (dict(**{"data.mixture.composition": "mixed"}),
@@ -304,6 +306,7 @@ def test_methods_and_their_hyperparameters_come_from_the_config(
   assert all(np.isfinite(v) for v in results["eval"].values())
   exp = train.build_experiment(config)
   assert exp.rep_grad and exp.chunk_size == 2 and exp.aggregator.rep_grad_ok
+  assert exp.jacobian == "auto"
   # The uncertainty weights 0.5 exp(-s) move with the configured learning
   # rate: s starts at 0 and, while the loss L > 1, Adam raises it by ~0.05 per
   # step towards log L (d/ds = 0.5 - 0.5 exp(-s) L < 0).

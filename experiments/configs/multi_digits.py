@@ -89,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (0: all tasks at once) to bound memory with many tasks.
   config.aggregation.rep_grad = False
   config.aggregation.chunk_size = 0
+  # How Gram-based aggregators get the per-task gradients (make_train_step's
+  # `jacobian`): "auto" (factored where cheaper: no [K, P] matrix),
+  # "factored" or "full". The update is the same up to float rounding.
+  config.aggregation.jacobian = "auto"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd | adam | adamw
