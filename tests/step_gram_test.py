@@ -165,7 +165,7 @@ def _factored(model, batch, num_tasks):
   run = lambda: model.apply({"params": params}, batch)
   sites = gram_lib.find_dense_sites(run, params, num_tasks=num_tasks,
                                     every=True)
-  eps = gram_lib.perturbations(sites, run)
+  eps = gram_lib.perturbations(sites)
 
   def losses(p, eps):
     inputs = {}

@@ -35,8 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask,
-                                     stateless_gram_based)
+from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 SCALE_MODES = ("min", "median", "rmse")
@@ -108,11 +107,7 @@ def aligned_mtl(scale_mode: str = "min") -> Aggregator:
     raise ValueError(f"unknown aligned_mtl scale_mode {scale_mode!r}; valid: "
                      f"{', '.join(SCALE_MODES)}")
 
-  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
-         ) -> jax.Array:
-    del scale, losses, rng  # B is invariant to the Gram's scale
-    return aligned_mtl_weights(gram_matrix,
-                               present_mask(counts, gram_matrix.shape[0]),
-                               scale_mode)
-
-  return stateless_gram_based(fn, rep_grad_ok=True)
+  # B is invariant to the Gram matrix's scale.
+  return scale_invariant(
+      lambda gram_matrix, present: aligned_mtl_weights(gram_matrix, present, scale_mode),
+      rep_grad_ok=True)

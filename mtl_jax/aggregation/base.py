@@ -130,6 +130,22 @@ def stateless_gram_based(fn: Callable[..., jax.Array], *,
   return gram_based(init, from_gram, rep_grad_ok=rep_grad_ok)
 
 
+def scale_invariant(weights_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    *, rep_grad_ok: bool = False) -> Aggregator:
+  """A stateless Gram-based Aggregator with `weights_fn(gram, present)`.
+
+  For methods whose weights depend on the Gram matrix only up to a positive
+  factor (and on nothing but task presence): `scale`, `losses` and `rng` are
+  not needed.
+  """
+
+  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None):
+    del scale, losses, rng
+    return weights_fn(gram_matrix, present_mask(counts, gram_matrix.shape[0]))
+
+  return stateless_gram_based(fn, rep_grad_ok=rep_grad_ok)
+
+
 def combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
   """`weights @ grads` `[P]` at full float32 precision."""
   return jnp.matmul(weights.astype(grads.dtype), grads,

@@ -8,11 +8,9 @@ depend on the counts only, so `from_gram` ignores the Gram matrix.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask,
-                                     stateless_gram_based)
+from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 
 def mean() -> Aggregator:
@@ -27,13 +25,11 @@ def mean() -> Aggregator:
     (weights `1 / n` on the n present tasks, 0 on absent ones).
   """
 
-  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
-         ) -> jax.Array:
-    del scale, losses, rng
-    present = present_mask(counts, gram_matrix.shape[0])  # [K]
+  def weights(gram_matrix, present):  # [K]
+    del gram_matrix
     return present.astype(jnp.float32) / jnp.maximum(present.sum(), 1)
 
-  return stateless_gram_based(fn, rep_grad_ok=True)
+  return scale_invariant(weights, rep_grad_ok=True)
 
 
 def sum() -> Aggregator:  # pylint: disable=redefined-builtin
@@ -44,9 +40,5 @@ def sum() -> Aggregator:  # pylint: disable=redefined-builtin
     (weights 1 on present tasks, 0 on absent ones).
   """
 
-  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
-         ) -> jax.Array:
-    del scale, losses, rng
-    return present_mask(counts, gram_matrix.shape[0]).astype(jnp.float32)
-
-  return stateless_gram_based(fn, rep_grad_ok=True)
+  return scale_invariant(lambda _, present: present.astype(jnp.float32),
+                         rep_grad_ok=True)

@@ -38,8 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask,
-                                     stateless_gram_based)
+from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -85,10 +84,5 @@ def config() -> Aggregator:
     (defined on parameter gradients in the paper).
   """
 
-  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
-         ) -> jax.Array:
-    del scale, losses, rng  # the weights are invariant to the Gram's scale
-    return config_weights(gram_matrix,
-                          present_mask(counts, gram_matrix.shape[0]))
-
-  return stateless_gram_based(fn, rep_grad_ok=False)
+  # The weights are invariant to the Gram matrix's scale.
+  return scale_invariant(config_weights, rep_grad_ok=False)

@@ -36,8 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.aggregation.base import (Aggregator, present_mask,
-                                     stateless_gram_based)
+from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -99,10 +98,5 @@ def imtl_g() -> Aggregator:
     applies it to the gradients of the shared representation).
   """
 
-  def fn(gram_matrix, scale, *, losses=None, counts=None, rng=None
-         ) -> jax.Array:
-    del scale, losses, rng  # the weights are invariant to the Gram's scale
-    return imtl_g_weights(gram_matrix,
-                          present_mask(counts, gram_matrix.shape[0]))
-
-  return stateless_gram_based(fn, rep_grad_ok=True)
+  # The weights are invariant to the Gram matrix's scale.
+  return scale_invariant(imtl_g_weights, rep_grad_ok=True)

@@ -60,6 +60,7 @@ class DenseSite:
     in_dim, out_dim: kernel shape.
     rows: `N`, rows over all calls (per device under pmap).
     use_bias: whether the layer has a bias.
+    outputs: shape and dtype of each call's output.
   """
 
   path: tuple[str, ...]
@@ -68,6 +69,7 @@ class DenseSite:
   out_dim: int
   rows: int
   use_bias: bool
+  outputs: tuple[jax.ShapeDtypeStruct, ...] = ()
 
 
 def _is_plain_dense(module: nn.Module) -> bool:
@@ -100,7 +102,7 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
   Returns:
     The sites, in call order of their first call.
   """
-  found: dict[tuple[str, ...], list[tuple[int, int, int | None]]] = {}
+  found: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
   outer = []  # the trace level of the outermost module call
 
   def record(next_fun, args, kwargs, context):
@@ -115,8 +117,11 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
       # gives its scope another trace level): its input is not a value of
       # the step. Never factored.
       rows = math.prod(x.shape[:-1]) if level == outer[0] else None
+      out = next_fun(*args, **kwargs)
       found.setdefault(tuple(module.path), []).append(
-          (x.shape[-1], module.features, rows))
+          (x.shape[-1], module.features, rows,
+           jax.ShapeDtypeStruct(out.shape, out.dtype)))
+      return out
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -124,7 +129,7 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
 
   sites = []
   for path, calls in found.items():
-    in_dim, out_dim, _ = calls[0]
+    in_dim, out_dim = calls[0][:2]
     kernel = _lookup(params, path + ("kernel",))
     if kernel is None or tuple(kernel.shape) != (in_dim, out_dim):
       continue  # e.g. inside nn.scan/nn.vmap: params of another shape
@@ -138,28 +143,14 @@ def find_dense_sites(apply: Callable[[], Any], params: Mapping[str, Any], *,
       continue
     bias = _lookup(params, path + ("bias",))
     sites.append(DenseSite(path, len(calls), in_dim, out_dim, rows,
-                           bias is not None))
+                           bias is not None, tuple(c[3] for c in calls)))
   return tuple(sites)
 
 
-def perturbations(sites: Sequence[DenseSite], apply: Callable[[], Any]
-                  ) -> dict[str, Any]:
-  """Zero output perturbations `{site_key: [call outputs]}` of the right shapes."""
-  wanted = {s.path for s in sites}
-  shapes: dict[tuple[str, ...], list[jax.ShapeDtypeStruct]] = {}
-
-  def record(next_fun, args, kwargs, context):
-    path = tuple(context.module.path)
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and path in wanted:
-      shapes.setdefault(path, []).append(
-          jax.ShapeDtypeStruct(out.shape, out.dtype))
-    return out
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda: apply())  # a new function: no cached trace
-  return {site_key(path): [jnp.zeros(s.shape, s.dtype) for s in shapes[path]]
-          for path in shapes}
+def perturbations(sites: Sequence[DenseSite]) -> dict[str, list[jax.Array]]:
+  """Zero output perturbations `{site_key: [one per call]}`."""
+  return {site_key(s.path): [jnp.zeros(o.shape, o.dtype) for o in s.outputs]
+          for s in sites}
 
 
 def site_key(path: Sequence[str]) -> str:

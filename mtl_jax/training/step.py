@@ -264,7 +264,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     sites = gram_lib.find_dense_sites(run, params, num_tasks=num_tasks,
                                       num_devices=num_devices,
                                       every=jacobian == "factored")
-    eps = gram_lib.perturbations(sites, run)
+    eps = gram_lib.perturbations(sites)
 
     def sums_fn(p, eps):
       inputs: dict[str, list[jax.Array]] = {}
