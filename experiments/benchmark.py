@@ -256,7 +256,8 @@ def jacobian_used(agg: aggregation.Aggregator, mode: str, rep_grad: bool
   "full" (make_train_step's rule)."""
   if rep_grad:
     return "rep_grad"
-  return "factored" if mode != "full" and agg.from_gram is not None else "full"
+  factorable = agg.from_gram is not None or agg.columnwise
+  return "factored" if mode != "full" and factorable else "full"
 
 
 def init_baseline_params(input_dim: int, hidden: Sequence[int],

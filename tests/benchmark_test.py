@@ -70,9 +70,11 @@ def test_jacobian_modes_are_timed_side_by_side():
   # Each aggregator once per mode; the row says which path ran.
   assert [(r["method"], r["jacobian"]) for r in rows] == [
       ("mgda", "factored"), ("mgda@full", "full")]
-  # GradDrop has no Gram form: full in every mode; rep_grad says so.
+  # GradDrop has no Gram form, but its rows come from the factors too
+  # (columnwise); rep_grad says so.
   graddrop = aggregation.get_aggregator("graddrop")
-  assert benchmark.jacobian_used(graddrop, "auto", False) == "full"
+  assert benchmark.jacobian_used(graddrop, "auto", False) == "factored"
+  assert benchmark.jacobian_used(graddrop, "full", False) == "full"
   assert benchmark.jacobian_used(graddrop, "auto", True) == "rep_grad"
   with pytest.raises(ValueError, match=r"unknown --jacobian mode\(s\) "
                      r"\['fast'\]; valid: auto, factored, full"):

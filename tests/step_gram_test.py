@@ -129,12 +129,13 @@ def test_factored_step_matches_full_step(method, chunk_size):
   _assert_close(got_m, want_m)
 
 
-def test_shared_dense_called_twice_layernorm_and_aux_loss():
+@pytest.mark.parametrize("method", ["mgda", "graddrop"])
+def test_shared_dense_called_twice_layernorm_and_aux_loss(method):
   """Rows of both calls go into one factor; the LayerNorm's leaves stay
   per-task rows; the auxiliary loss's gradient is added to the direction."""
   model = _twice_model()
   batches = [_batch(0, dim=8), _batch(1, dim=8)]
-  agg = aggregation.get_aggregator("mgda")
+  agg = aggregation.get_aggregator(method)
   got, got_m = _run(model, agg, "factored", batches, dim=8)
   want, want_m = _run(model, agg, "full", batches, dim=8)
   assert "aux/shared/l2" in got_m[0]
@@ -142,12 +143,13 @@ def test_shared_dense_called_twice_layernorm_and_aux_loss():
   _assert_close(got_m, want_m)
 
 
-def test_pmap_factored_step_matches_one_device_full_step():
-  """Rows gathered over 4 devices give the global Gram matrix."""
+@pytest.mark.parametrize("method", ["nash_mtl", "graddrop"])
+def test_pmap_factored_step_matches_one_device_full_step(method):
+  """Rows gathered over 4 devices give the global Gram matrix; GradDrop's
+  rows are summed over devices before the sign dropout."""
   mesh = parallel.make_mesh(4)
   par = parallel.DataParallel(mesh, parallelism="pmap")
-  model, agg, tx = _mlp(), aggregation.get_aggregator("nash_mtl"), optax.sgd(0.1)
-  assert agg.from_gram is not None
+  model, agg, tx = _mlp(), aggregation.get_aggregator(method), optax.sgd(0.1)
   state = par.put_state(_state(model, tx, agg))
   step = par.compile_train_step(step_lib.make_train_step(
       model.apply, TASKS, tx, W, aggregator=agg, jacobian="factored",
@@ -263,14 +265,32 @@ def test_unknown_jacobian_mode_is_rejected():
                              jacobian="fast")
 
 
-def test_columnwise_graddrop_step_with_full_leak_is_the_sum():
-  """GradDrop runs leaf by leaf (no [K, P] matrix); with leak 1 it passes
-  every gradient, so the step equals the plain sum of the rows."""
-  batches = [_batch(0), _batch(1, absent="reg")]
-  got, _ = _run(_mlp(), aggregation.get_aggregator("graddrop", leak=1.0),
-                "full", batches)
-  want, _ = _run(_mlp(), aggregation.get_aggregator("sum"), "full", batches)
+@pytest.mark.parametrize("leak", [0.0, 1.0])
+def test_factored_graddrop_step_matches_full_step(leak):
+  """GradDrop runs leaf by leaf (no [K, P] matrix) on rows formed from the
+  factors, in the leaves' own layout: the same draws for the same
+  coordinate as the full path, so the same params. With leak 1 it passes
+  every gradient: the plain sum of the rows."""
+  agg = aggregation.get_aggregator("graddrop", leak=leak)
+  batches = [_batch(0), _batch(1, absent="reg"), _batch(2)]
+  got, got_m = _run(_mlp(), agg, "auto", batches)
+  want, want_m = _run(_mlp(), agg, "full", batches)
   _assert_close(got.params, want.params)
+  _assert_close(got_m, want_m)
+  if leak == 1.0:
+    total, _ = _run(_mlp(), aggregation.get_aggregator("sum"), "full", batches)
+    _assert_close(got.params, total.params)
+
+
+def test_task_rows_of_factors_equal_explicit_rows():
+  """`task_rows` forms each kernel's rows `A^T D_k` in the kernel's layout
+  and scales them by the task weights."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
+  jac, rows, _ = _factored(_Wrapped(), x, 3)
+  weights = jnp.array([1.0, 0.5, -2.0])
+  got = jax.vmap(lambda t: ravel_pytree(t)[0])(gram_lib.task_rows(jac, weights))
+  np.testing.assert_allclose(got, rows * weights[:, None], rtol=1e-5,
+                             atol=1e-6)
 
 
 class _ScanBlock(nn.Module):

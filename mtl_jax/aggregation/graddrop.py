@@ -76,6 +76,15 @@ def sign_dropout(grads: jax.Array, present: jax.Array, uniforms: jax.Array,
                  leak: jax.Array | float) -> jax.Array:
   """GradDrop's direction for given uniform draws.
 
+  With one draw per coordinate shared by all tasks, the direction is
+
+    sum_i l_i g_i + [P > U] sum_i (1 - l_i) max(g_i, 0)
+                  + [P < U] sum_i (1 - l_i) min(g_i, 0),
+
+  and P itself is a function of `pos = sum_i max(g_i, 0)` and `neg = sum_i
+  min(g_i, 0)` (`P = pos / (pos - neg)`): a few sums over the task axis,
+  computed in one pass over `[K, P]` (two more with per-task leaks).
+
   Args:
     grads: `[K, P]` per-task gradients.
     present: `bool [K]`, which tasks are present (absent rows are ignored).
@@ -87,28 +96,43 @@ def sign_dropout(grads: jax.Array, present: jax.Array, uniforms: jax.Array,
     The direction `[P]`.
   """
   num_tasks = grads.shape[0]
-  leak = jnp.broadcast_to(jnp.asarray(leak, grads.dtype), (num_tasks,))
   g = jnp.where(present[:, None], grads, 0.0)  # absent rows are ignored
-  ones = jnp.ones((num_tasks,), grads.dtype)
   if num_tasks <= _UNROLL_TASKS:
     # Sums over tasks written out: one fused elementwise pass.
-    total = sum((g[k] for k in range(1, num_tasks)), g[0])  # [P]
-    mass = sum((jnp.abs(g[k]) for k in range(1, num_tasks)), jnp.abs(g[0]))
+    def task_sum(weights, fn):
+      terms = [fn(g[k]) if weights is None else weights[k] * fn(g[k])
+               for k in range(num_tasks)]
+      return sum(terms[1:], terms[0])
   else:
     # XLA's CPU reduction over the leading axis is much slower than a BLAS
     # matrix-vector product.
-    total = jnp.matmul(ones, g, precision=_HIGHEST)  # [P]
-    mass = jnp.matmul(ones, jnp.abs(g), precision=_HIGHEST)  # [P]
-  ratio = jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), 0.0)
+    def task_sum(weights, fn):
+      w = jnp.ones((num_tasks,), g.dtype) if weights is None else weights
+      return jnp.matmul(w, fn(g), precision=_HIGHEST)
+  positive = lambda x: jnp.maximum(x, 0.0)
+  negative = lambda x: jnp.minimum(x, 0.0)
+  pos, neg = task_sum(None, positive), task_sum(None, negative)  # [P]
+  leaks = None if isinstance(leak, jax.core.Tracer) else np.asarray(leak)
+  if leaks is not None and leaks.ndim == 0:
+    # One leak for all tasks (pure GradDrop: 0): no further sums.
+    l = float(leaks)
+    leak_pos, leak_neg = (l * pos, l * neg) if l else (0.0, 0.0)
+  else:
+    l = jnp.broadcast_to(jnp.asarray(leak, g.dtype), (num_tasks,))
+    leak_pos, leak_neg = task_sum(l, positive), task_sum(l, negative)
+  mass = pos - neg
+  ratio = jnp.where(mass > 0, (pos + neg) / jnp.where(mass > 0, mass, 1.0), 0.0)
   purity = 0.5 * (1.0 + ratio)  # [P]
-  keep = (((purity > uniforms)[None, :] & (g > 0)) |
-          ((purity < uniforms)[None, :] & (g < 0)))  # [K, P]
-  scaled = g * (leak[:, None] + (1.0 - leak[:, None]) * keep.astype(g.dtype))
-  # A matrix-vector product rather than an elementwise sum: it bounds the
-  # fusion, so the pass over [K, P] runs once, in the rows' own layout. Fused
-  # into the optimizer's update instead, it ran once per consumer and read
-  # the kernels' rows transposed (5x slower in the train step).
-  return jnp.matmul(ones, scaled, precision=_HIGHEST)
+  kept_pos = leak_pos + jnp.where(purity > uniforms, pos - leak_pos, 0.0)
+  kept_neg = leak_neg + jnp.where(purity < uniforms, neg - leak_neg, 0.0)
+  # The last sum is a matrix-vector product: it bounds the fusion, so the
+  # pass over [K, P] runs once, in the rows' own layout. Fused into the
+  # optimizer's update instead (an elementwise sum, or behind
+  # lax.optimization_barrier, which XLA's CPU pipeline drops), it ran once
+  # per consumer and read the kernels' rows transposed (5x slower in the
+  # train step).
+  return jnp.matmul(jnp.ones((2,), g.dtype), jnp.stack([kept_pos, kept_neg]),
+                    precision=_HIGHEST)
 
 
 def graddrop(leak: float | Sequence[float] = 0.0) -> Aggregator:

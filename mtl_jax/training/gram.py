@@ -380,6 +380,42 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
   return jax.lax.cond(safe, fast, rescaled, None)
 
 
+def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
+  """The rows `task_scale[k] * grad L_k` of every shared param, `[K, ...]`.
+
+  For aggregators that need every coordinate of every task gradient
+  (GradDrop). A factored kernel's rows `A^T D_k` are one GEMM per task over
+  this device's rows: the multiply-adds of the batched VJP's weight
+  gradients, but with `A^T` transposed once (not each `D_k`) and the rows
+  in the kernel's own layout `[K, in, out]`, so a columnwise consumer reads
+  them without a copy and writes its direction without a transpose (on 2 CPU
+  cores GradDrop's step went from 3.0x to 2.4x equal weighting at K = 4).
+
+  Returns a pytree shaped like `params["shared"]` with a leading task axis.
+  """
+  out: dict[tuple[str, ...], jax.Array] = {}
+  for s in fj.sites:
+    key = site_key(s.path)
+    a, d = fj.acts[key], fj.deltas[key]
+    d = d * task_scale.astype(d.dtype)[:, None, None]  # [K, N, out]
+    # [K, in, out], one GEMM per task: A^T (transposed once, N x in) times
+    # D_k as laid out by the backward pass.
+    at = jnp.broadcast_to(a.T.astype(d.dtype), (d.shape[0],) + a.T.shape)
+    out[s.path[1:] + ("kernel",)] = jnp.matmul(at, d, precision=_HIGHEST)
+    if s.use_bias:
+      out[s.path[1:] + ("bias",)] = jnp.sum(d, axis=1)
+
+  def fill(path, leaf):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    if leaf is None:
+      return out[names]
+    return leaf * task_scale.astype(leaf.dtype).reshape(
+        (-1,) + (1,) * (leaf.ndim - 1))
+
+  return jax.tree_util.tree_map_with_path(fill, fj.leaves,
+                                          is_leaf=lambda x: x is None)
+
+
 def combine(fj: FactoredJacobian, coeffs: jax.Array) -> Any:
   """`sum_k coeffs[k] grad L_k` of the shared params (this device's rows).
 

@@ -164,8 +164,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   needs_norms = "grad_norms" in weighting.needs
   num_tasks = len(tasks)
   factored = (jacobian != "full" and aggregator is not None
-              and aggregator.from_gram is not None and not rep_grad
-              and not needs_norms)
+              and (aggregator.from_gram is not None or aggregator.columnwise)
+              and not rep_grad and not needs_norms)
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -241,18 +241,16 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
   def columnwise_update(shared, agg_state, losses, counts, key):
     """A columnwise aggregator applied to each shared leaf `[K, ...]` alone
-    (no `[K, P]` matrix), with its own key per leaf."""
+    (no `[K, P]` matrix), with its own key per leaf. Leaves are read in
+    their own layout, so both Jacobian paths draw the same uniforms for the
+    same coordinate."""
     leaves, treedef = jax.tree.flatten(shared)
     out = []
     for i, leaf in enumerate(leaves):
-      # Kernels in the order the batched VJP computes them ([K, out, in]):
-      # reading JAX's [K, in, out] would be a strided pass over the rows.
-      rows = jnp.swapaxes(leaf, -1, -2) if leaf.ndim == 3 else leaf
       d, agg_state = aggregator.update(
-          rows.reshape(rows.shape[0], -1), agg_state, losses=losses,
+          leaf.reshape(leaf.shape[0], -1), agg_state, losses=losses,
           counts=counts, rng=jax.random.fold_in(key, i))
-      d = d.reshape(rows.shape[1:])
-      out.append(jnp.swapaxes(d, -1, -2) if leaf.ndim == 3 else d)
+      out.append(d.reshape(leaf.shape[1:]))
     return jax.tree.unflatten(treedef, out), agg_state
 
   def factored_step(state, batch, weighting_key, aggregator_key,
@@ -261,9 +259,11 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     params = state.params
     run = lambda: forward(params, batch["inputs"], batch, dropout_key)
     num_devices = jax.lax.axis_size(axis_name) if axis_name else 1
-    sites = gram_lib.find_dense_sites(run, params, num_tasks=num_tasks,
-                                      num_devices=num_devices,
-                                      every=jacobian == "factored")
+    # A columnwise aggregator gets every row: formed from the factors (same
+    # multiply-adds as the VJP's weight gradients), whatever the Gram cost.
+    sites = gram_lib.find_dense_sites(
+        run, params, num_tasks=num_tasks, num_devices=num_devices,
+        every=jacobian == "factored" or aggregator.columnwise)
     eps = gram_lib.perturbations(sites)
 
     def sums_fn(p, eps):
@@ -289,6 +289,25 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     weights, weighting_state = weighting.update(
         losses, counts, state.weighting_state, rng=weighting_key)
     weights = jax.lax.stop_gradient(weights)  # [K]
+    grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
+    if aggregator.columnwise:
+      shared, aggregation_state = columnwise_update(
+          psum(gram_lib.task_rows(jac, jnp.where(present, weights, 0.0))),
+          state.aggregation_state, losses, counts, aggregator_key)
+    else:
+      shared, aggregation_state = gram_direction(jac, weights, present, losses,
+                                                 counts, state, aggregator_key)
+    shared = jax.tree.map(lambda g, p: g.astype(p.dtype), shared,
+                          params["shared"])
+    grads["shared"] = (shared if not aux else
+                       jax.tree.map(jnp.add, shared, grads["shared"]))
+    return finish(state, batch, grads, weights, losses, counts, denom,
+                  weighting_state, aggregation_state, aux_total, aux,
+                  dropout_key)
+
+  def gram_direction(jac, weights, present, losses, counts, state,
+                     aggregator_key):
+    """`sum_k c_k w_k grad L_k` with `c` from the aggregator's `from_gram`."""
     # The aggregator sees the rows w_k grad L_k (as with jacobian="full").
     gram_matrix, scale = gram_lib.scaled_gram(jac, weights, present, axis_name,
                                               chunk_size)
@@ -296,14 +315,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
         gram_matrix, scale, state.aggregation_state, losses=losses,
         counts=counts, rng=aggregator_key)
     coeffs = jnp.where(present, alpha * weights, 0.0)
-    grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
-    shared = jax.tree.map(lambda g, p: g.astype(p.dtype),
-                          psum(gram_lib.combine(jac, coeffs)), params["shared"])
-    grads["shared"] = (shared if not aux else
-                       jax.tree.map(jnp.add, shared, grads["shared"]))
-    return finish(state, batch, grads, weights, losses, counts, denom,
-                  weighting_state, aggregation_state, aux_total, aux,
-                  dropout_key)
+    return psum(gram_lib.combine(jac, coeffs)), aggregation_state
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     base_key = jax.random.fold_in(state.rng, state.step)
