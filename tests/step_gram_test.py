@@ -130,6 +130,22 @@ def test_factored_step_matches_full_step(method, chunk_size):
 
 
 @pytest.mark.parametrize("method", ["mgda", "graddrop"])
+def test_two_stage_vjp_with_dropout_matches_full_step(method):
+  """A hard-sharing model goes through the heads once and the trunk K times
+  (encode and decode applied separately): the dropout masks, and so the
+  step, are those of the one-call full path."""
+  model = build.make_hard_sharing_model(
+      TASKS, build.make_trunk("mlp", hidden_sizes=(8, 6), dropout_rate=0.5),
+      head_hidden_sizes=(5,))
+  agg = aggregation.get_aggregator(method)
+  batches = [_batch(0), _batch(1, absent="ml")]
+  got, got_m = _run(model, agg, "auto", batches)
+  want, want_m = _run(model, agg, "full", batches)
+  _assert_close(got.params, want.params)
+  _assert_close(got_m, want_m)
+
+
+@pytest.mark.parametrize("method", ["mgda", "graddrop"])
 def test_shared_dense_called_twice_layernorm_and_aux_loss(method):
   """Rows of both calls go into one factor; the LayerNorm's leaves stay
   per-task rows; the auxiliary loss's gradient is added to the direction."""

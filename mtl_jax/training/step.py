@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -37,6 +38,7 @@ import optax
 from mtl_jax import metrics as metrics_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.aggregation.base import Aggregator, flatten_task_grads
+from mtl_jax.models import hard_sharing
 from mtl_jax.training import gram as gram_lib
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
@@ -253,19 +255,80 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       out.append(d.reshape(leaf.shape[1:]))
     return jax.tree.unflatten(treedef, out), agg_state
 
-  def factored_step(state, batch, weighting_key, aggregator_key,
-                    dropout_key):
-    """The step of a Gram-based aggregator without the `[K, P]` Jacobian."""
-    params = state.params
-    run = lambda: forward(params, batch["inputs"], batch, dropout_key)
-    num_devices = jax.lax.axis_size(axis_name) if axis_name else 1
-    # A columnwise aggregator gets every row: formed from the factors (same
-    # multiply-adds as the VJP's weight gradients), whatever the Gram cost.
-    sites = gram_lib.find_dense_sites(
-        run, params, num_tasks=num_tasks, num_devices=num_devices,
-        every=jacobian == "factored" or aggregator.columnwise)
-    eps = gram_lib.perturbations(sites)
+  # A hard-sharing model (trunk, then one head per task on its features) is
+  # differentiated in two stages by the factored step: one backward pass
+  # through the heads gives every task's feature gradient, then the batched
+  # VJP runs through the trunk only. Through the whole model as a black box,
+  # each task's cotangent would also go back through the other K - 1 heads:
+  # K^2 head passes, and a [K, B, D] sum per head.
+  model = getattr(apply_fn, "__self__", None)
+  split_heads = (type(model) is hard_sharing.HardSharingModel  # pylint: disable=unidiomatic-typecheck
+                 and not pass_task_presence)
 
+  def head_inputs_intercepting(eps):
+    """Adds `eps[task]` to the input of each task's head (module
+    `tasks/<task>` of a HardSharingModel)."""
+    def interceptor(next_fun, args, kwargs, context):
+      path = tuple(context.module.path)
+      if (context.method_name == "__call__" and len(path) == 2
+          and path[0] == "tasks" and path[1] in eps):
+        args = (args[0] + eps[path[1]],) + tuple(args[1:])
+      return next_fun(*args, **kwargs)
+    return nn.intercept_methods(interceptor)
+
+  def split_factors(params, batch, sites, eps, dropout_key):
+    """Stage 1: the trunk's VJP; stage 2: one VJP through the heads, whose
+    input perturbations' cotangents are the per-task feature gradients;
+    stage 3: the batched VJP of the trunk. Returns what the black-box path
+    does, or None if the model sows auxiliary losses."""
+    def encode(shared, eps):
+      inputs: dict[str, list[jax.Array]] = {}
+      with gram_lib.intercepting(sites, eps, inputs):
+        z, collections = apply_fn(
+            {"params": {**params, "shared": shared}}, batch["inputs"],
+            train=True, rngs={"dropout": dropout_key}, method="encode",
+            mutable=[AUX_LOSSES])
+      return z, (inputs, collections)
+
+    z, encode_vjp, (inputs, enc_aux) = jax.vjp(encode, params["shared"], eps,
+                                               has_aux=True)
+    others = {k: v for k, v in params.items() if k != "shared"}
+
+    def heads(others, head_eps):
+      with head_inputs_intercepting(head_eps):
+        preds, collections = apply_fn(
+            {"params": {**others, "shared": params["shared"]}}, z,
+            train=True, rngs={"dropout": dropout_key}, method="decode",
+            mutable=[AUX_LOSSES])
+      tasks_lib.check_predictions(tasks, preds, _batch_size(batch))
+      sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)
+      return sums, (counts, collections)
+
+    head_eps = {name: jnp.zeros_like(z) for name in tasks.names}
+    sums, heads_vjp, (counts, dec_aux) = jax.vjp(heads, others, head_eps,
+                                                 has_aux=True)
+    if jax.tree.leaves(enc_aux) or jax.tree.leaves(dec_aux):
+      return None  # aux losses: the black-box path adds their gradients
+    counts = psum(counts)  # [K] global label counts
+    denom = jnp.maximum(counts, 1.0)
+    # Head k feeds loss k only: its input's cotangent is grad_z L_k.
+    head_cts, z_cts = heads_vjp(1.0 / denom)
+    z_grads = jnp.stack([z_cts[name] for name in tasks.names])  # [K, B, D]
+    shared_cts, eps_cts = batched_vjp(encode_vjp, z_grads, chunk_size)
+    jac = gram_lib.factor(sites, inputs, eps_cts, shared_cts)
+
+    def others_grads(weights):
+      # Task k's head params get w_k grad L_k (each sees one loss only).
+      scaled = {name: jax.tree.map(lambda g, w=weights[k]: g * w,
+                                   head_cts["tasks"][name])
+                for k, name in enumerate(tasks.names)}
+      return psum({**head_cts, "tasks": scaled})
+
+    return (sums, jnp.zeros((), jnp.float32), counts, {}, denom, jac,
+            others_grads)
+
+  def black_box_factors(params, batch, sites, eps, dropout_key):
+    """One VJP of the whole model, then the batched VJP of every task."""
     def sums_fn(p, eps):
       inputs: dict[str, list[jax.Array]] = {}
       with gram_lib.intercepting(sites, eps, inputs):
@@ -278,18 +341,41 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     aux_scale = 1.0 / jax.lax.psum(1, axis_name) if axis_name else 1.0
     counts = psum(counts)  # [K] global label counts
     denom = jnp.maximum(counts, 1.0)
-    losses = psum(sums) / denom  # [K] global task losses
-    present = counts > 0
     # The per-task VJP of each task's global mean loss, from one forward pass.
     param_cts, eps_cts = batched_vjp(
         lambda c: vjp_fn((c, jnp.zeros((), jnp.float32))),
         jnp.diag(1.0 / denom), chunk_size)
     jac = gram_lib.factor(sites, inputs, eps_cts, param_cts["shared"])
+    others_grads = lambda weights: others_and_aux(vjp_fn, weights, denom, aux,
+                                                  aux_scale)
+    return sums, aux_total, counts, aux, denom, jac, others_grads
+
+  def factored_step(state, batch, weighting_key, aggregator_key,
+                    dropout_key):
+    """The step of a Gram-based (or columnwise) aggregator without the
+    `[K, P]` Jacobian."""
+    params = state.params
+    run = lambda: forward(params, batch["inputs"], batch, dropout_key)
+    num_devices = jax.lax.axis_size(axis_name) if axis_name else 1
+    # A columnwise aggregator gets every row: formed from the factors (same
+    # multiply-adds as the VJP's weight gradients), whatever the Gram cost.
+    sites = gram_lib.find_dense_sites(
+        run, params, num_tasks=num_tasks, num_devices=num_devices,
+        every=jacobian == "factored" or aggregator.columnwise)
+    eps = gram_lib.perturbations(sites)
+    factors = None
+    if split_heads:
+      factors = split_factors(params, batch, sites, eps, dropout_key)
+    if factors is None:
+      factors = black_box_factors(params, batch, sites, eps, dropout_key)
+    sums, aux_total, counts, aux, denom, jac, others_grads = factors
+    losses = psum(sums) / denom  # [K] global task losses
+    present = counts > 0
 
     weights, weighting_state = weighting.update(
         losses, counts, state.weighting_state, rng=weighting_key)
     weights = jax.lax.stop_gradient(weights)  # [K]
-    grads = others_and_aux(vjp_fn, weights, denom, aux, aux_scale)
+    grads = others_grads(weights)
     if aggregator.columnwise:
       shared, aggregation_state = columnwise_update(
           psum(gram_lib.task_rows(jac, jnp.where(present, weights, 0.0))),
