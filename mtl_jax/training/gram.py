@@ -25,6 +25,9 @@ out < K N in out`, and `N <= MAX_ROWS`); every other shared leaf (convolutions,
 norms, embeddings, dense layers with many rows) keeps its per-task gradient
 `[K, ...]` from the same batched VJP, and contributes `J J^T` and `c @ J`.
 
+GradDrop, which needs every coordinate, gets the rows themselves from the same
+factors (`task_rows`: one GEMM `A^T D_k` per task, in the kernel's layout).
+
 Layers are found by type (`nn.Dense` with the default `dot_general`) and
 path. A Dense inside a lifted transform (`nn.scan`, `nn.vmap`, `nn.remat`)
 runs in an inner trace and is left unfactored (its leaves keep their

@@ -126,17 +126,21 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     rep_grad: aggregate gradients w.r.t. the shared representation instead of
       the shared params (needs an aggregator with `rep_grad_ok`).
     chunk_size: map the per-task VJP over chunks of this many tasks.
-    jacobian: how a Gram-based aggregator (`aggregator.from_gram`) gets the
-      per-task gradients of the shared params. "auto": factored
-      (`mtl_jax.training.gram`): the Gram matrix comes from the shared dense
-      layers' inputs and per-task output gradients (for each layer where
-      that costs less than forming its rows; other leaves keep their
-      per-task gradients) and the direction from the same factors, never
-      forming the `[K, P]` matrix. "factored": the same, factoring every
-      shared dense layer whatever the cost. "full": the `[K, P]` matrix and
-      `aggregator.update` (also what the other modes do for GradDrop, with
-      `rep_grad`, and with weightings that need gradient norms). All give
-      the same update up to float rounding.
+    jacobian: how an aggregator gets the per-task gradients of the shared
+      params. "auto": factored (`mtl_jax.training.gram`): for a Gram-based
+      aggregator (`aggregator.from_gram`) the Gram matrix comes from the
+      shared dense layers' inputs and per-task output gradients (for each
+      layer where that costs less than forming its rows; other leaves keep
+      their per-task gradients) and the direction from the same factors,
+      never forming the `[K, P]` matrix; a columnwise aggregator (GradDrop)
+      gets each kernel's rows `A^T D_k` from the same factors, leaf by leaf.
+      A `HardSharingModel` is differentiated in two stages (one VJP through
+      the heads gives every task's feature gradient; the batched VJP runs
+      through the trunk only) unless it sows auxiliary losses. "factored":
+      the same, factoring every shared dense layer whatever the cost.
+      "full": the `[K, P]` matrix and `aggregator.update` (also what the
+      other modes do with `rep_grad`, and with weightings that need gradient
+      norms). All give the same update up to float rounding.
     grad_norm_path: path of the last shared layer inside `params["shared"]`,
       for weightings that need per-task gradient norms (GradNorm).
     pass_task_presence: call the model with `task_presence=[B, K]` (1 where
