@@ -408,12 +408,18 @@ def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
     if s.use_bias:
       out[s.path[1:] + ("bias",)] = jnp.sum(d, axis=1)
 
+  return _fill_unfactored(fj, out, lambda leaf: leaf * task_scale.astype(
+      leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1)))
+
+
+def _fill_unfactored(fj: FactoredJacobian,
+                     factored: Mapping[tuple[str, ...], jax.Array],
+                     leaf_fn: Callable[[jax.Array], jax.Array]) -> Any:
+  """A pytree shaped like `params["shared"]`: `factored[path]` at the sites'
+  leaves, `leaf_fn(per-task leaf)` at the others."""
   def fill(path, leaf):
     names = tuple(getattr(k, "key", str(k)) for k in path)
-    if leaf is None:
-      return out[names]
-    return leaf * task_scale.astype(leaf.dtype).reshape(
-        (-1,) + (1,) * (leaf.ndim - 1))
+    return factored[names] if leaf is None else leaf_fn(leaf)
 
   return jax.tree_util.tree_map_with_path(fill, fj.leaves,
                                           is_leaf=lambda x: x is None)
@@ -434,11 +440,5 @@ def combine(fj: FactoredJacobian, coeffs: jax.Array) -> Any:
     if s.use_bias:
       out[s.path[1:] + ("bias",)] = jnp.sum(dc, axis=0)
 
-  def fill(path, leaf):
-    names = tuple(getattr(k, "key", str(k)) for k in path)
-    if leaf is None:
-      return out[names]
-    return jnp.tensordot(coeffs.astype(leaf.dtype), leaf, axes=1)
-
-  return jax.tree_util.tree_map_with_path(fill, fj.leaves,
-                                          is_leaf=lambda x: x is None)
+  return _fill_unfactored(fj, out, lambda leaf: jnp.tensordot(
+      coeffs.astype(leaf.dtype), leaf, axes=1))
