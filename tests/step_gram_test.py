@@ -129,6 +129,18 @@ def test_factored_step_matches_full_step(method, chunk_size):
   _assert_close(got_m, want_m)
 
 
+def test_two_stage_path_is_taken_for_hard_sharing_models_only():
+  """The speed-up must not silently fall back: a HardSharingModel's apply
+  takes the two-stage path; a wrapped apply, task presence or another
+  model type take the one-stage path (so does a HardSharingModel that sows
+  auxiliary losses, found at trace time: same results either way)."""
+  model = _mlp()
+  assert step_lib.two_stage_heads(model.apply)
+  assert not step_lib.two_stage_heads(model.apply, pass_task_presence=True)
+  assert not step_lib.two_stage_heads(lambda *a, **k: model.apply(*a, **k))
+  assert not step_lib.two_stage_heads(_Wrapped().apply)  # another module type
+
+
 @pytest.mark.parametrize("method", ["mgda", "graddrop"])
 def test_two_stage_vjp_with_dropout_matches_full_step(method):
   """A hard-sharing model goes through the heads once and the trunk K times

@@ -98,6 +98,17 @@ def _row_norms(tree: Any) -> jax.Array:
   return jnp.sqrt(sq)
 
 
+def two_stage_heads(apply_fn: Callable[..., Any],
+                    pass_task_presence: bool = False) -> bool:
+  """Whether the factored step differentiates the model in two stages (heads
+  once, then the trunk per task): `apply_fn` is a `HardSharingModel`'s own
+  `apply` (exact type: a subclass may route features differently) and the
+  model is not given task presence."""
+  model = getattr(apply_fn, "__self__", None)
+  return (type(model) is hard_sharing.HardSharingModel  # pylint: disable=unidiomatic-typecheck
+          and not pass_task_presence)
+
+
 def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     optimizer: optax.GradientTransformation,
                     weighting: Weighting, *,
@@ -265,9 +276,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   # VJP runs through the trunk only. Through the whole model as a black box,
   # each task's cotangent would also go back through the other K - 1 heads:
   # K^2 head passes, and a [K, B, D] sum per head.
-  model = getattr(apply_fn, "__self__", None)
-  split_heads = (type(model) is hard_sharing.HardSharingModel  # pylint: disable=unidiomatic-typecheck
-                 and not pass_task_presence)
+  split_heads = two_stage_heads(apply_fn, pass_task_presence)
 
   def head_inputs_intercepting(eps):
     """Adds `eps[task]` to the input of each task's head (module
