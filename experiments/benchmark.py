@@ -25,7 +25,9 @@ Measurement: each step is compiled ahead of time (`compile_s`), run
 outputs. The methods of one setting are timed in `--rounds` interleaved rounds
 (each round runs every method for `steps / rounds` steps, in a rotated order),
 so that load from other processes spreads over all methods and the ratios of
-one run are comparable. `ms_per_step` is the median over the timed steps.
+one run are comparable; the settings of a `--num_tasks` sweep join the same
+rounds (`--interleave_settings`), so that step times are comparable across K
+too. `ms_per_step` is the median over the timed steps.
 
 Prints one JSON line per (method, setting) with `method`, `model`,
 `num_tasks`, `batch_size`, `rep_grad`, `chunk_size`, `jacobian` (how an
@@ -34,12 +36,15 @@ null for the others), `ms_per_step` (median),
 `ms_q25`/`ms_q75`, `compile_s`, `peak_bytes` (the device's peak memory when the
 backend reports it, else null: XLA CPU does not), the compiled step's
 `temp_bytes`/`argument_bytes`/`output_bytes` (XLA's memory analysis, available
-on CPU too) and `ratio_to_ew` / `ratio_to_baseline` against the same setting.
+on CPU too), `ms_per_task` and `ratio_to_ew` / `ratio_to_baseline` against
+the same setting. A sweep over K also prints one `{"scaling": ...}` line per
+method (`scaling_summary`: the log-log slope of step time against K, overall
+and between neighbouring K).
 `--pipeline` adds rows for the multi_digits input pipeline (`examples_per_s`
 of the mixture iterator, with and without the `Prefetcher`) and for the
 default train step it feeds (the CNN of experiments/configs/multi_digits.py,
-batch 128). `--out=DIR` writes `DIR/benchmark.jsonl` and
-`DIR/step_time_vs_tasks.png`.
+batch 128). `--out=DIR` writes `DIR/benchmark.jsonl`, `DIR/scaling.json` (for
+a sweep) and `DIR/step_time_vs_tasks.png`.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ _JACOBIAN = flags.DEFINE_list(
     "(make_train_step's `jacobian`): auto (factored where cheaper, no [K, P] "
     "matrix), factored (every dense layer) or full; a list times every "
     "aggregator in each mode, the later ones as '<method>@<mode>'.", **_F)
+_INTERLEAVE_SETTINGS = flags.DEFINE_bool(
+    "interleave_settings", True, "Time all settings of a --num_tasks sweep in "
+    "one interleaved pool (step times comparable across K); off: one setting "
+    "after the other, each compiled, timed and freed before the next.", **_F)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam step size.",
                                     **_F)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the params and the batch.",
@@ -341,18 +350,52 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
           "ms_q75": round(float(np.percentile(ms, 75)), 3)}
 
 
-def benchmark_setting(methods: Sequence[str], *, model_name: str,
-                      num_tasks: int, num_classes: int, batch_size: int,
-                      input_shape: Sequence[int], hidden: Sequence[int],
-                      channels: Sequence[int], strides: Sequence[int],
-                      feature_size: int, head_hidden: Sequence[int],
-                      rep_grad: bool, chunk_size: int | None, steps: int,
-                      rounds: int, warmup: int, learning_rate: float,
-                      seed: int, jacobian: Sequence[str] = ("auto",)
-                      ) -> list[dict[str, Any]]:
-  """Compiles and times every method at one setting; returns the rows.
+class Setting:
+  """One setting's compiled steps (method name -> `Compiled`) and what the
+  rows report about them."""
 
-  Aggregators are compiled once per `jacobian` mode; the first mode's rows
+  def __init__(self, num_tasks: int, model_name: str, batch_size: int,
+               chunk_size: int | None):
+    self.num_tasks, self.model_name = num_tasks, model_name
+    self.batch_size, self.chunk_size = batch_size, chunk_size
+    self.compiled: dict[str, Compiled] = {}
+    self.reps: dict[str, bool] = {}
+    self.modes: dict[str, str | None] = {}
+
+  def rows(self, peak: int | None) -> list[dict[str, Any]]:
+    """One row per method, with ratios to `ew`/`baseline` of this setting."""
+    rows = []
+    for method, c in self.compiled.items():
+      stats = summarize(c.times)
+      rows.append({"method": method, "model": self.model_name,
+                   "num_tasks": self.num_tasks, "batch_size": self.batch_size,
+                   "rep_grad": self.reps[method],
+                   "chunk_size": self.chunk_size,
+                   "jacobian": self.modes.get(method), **stats,
+                   "ms_per_task": round(stats["ms_per_step"] /
+                                        self.num_tasks, 3),
+                   "timed_steps": len(c.times),
+                   "compile_s": round(c.compile_s, 3), "peak_bytes": peak,
+                   **c.memory, "backend": jax.default_backend()})
+    ms = {r["method"]: r["ms_per_step"] for r in rows}
+    for r in rows:
+      for ref in (EW, BASELINE):
+        if ref in ms:
+          r[f"ratio_to_{ref}"] = round(r["ms_per_step"] / ms[ref], 3)
+    return rows
+
+
+def compile_setting(methods: Sequence[str], *, model_name: str,
+                    num_tasks: int, num_classes: int, batch_size: int,
+                    input_shape: Sequence[int], hidden: Sequence[int],
+                    channels: Sequence[int], strides: Sequence[int],
+                    feature_size: int, head_hidden: Sequence[int],
+                    rep_grad: bool, chunk_size: int | None,
+                    learning_rate: float, seed: int,
+                    jacobian: Sequence[str] = ("auto",)) -> Setting:
+  """Compiles every method at one setting (nothing is timed yet).
+
+  Aggregators are compiled once per `jacobian` mode; the first mode's steps
   are named after the method, the others `<method>@<mode>`.
   """
   tasks = make_tasks(num_tasks, num_classes)
@@ -361,16 +404,16 @@ def benchmark_setting(methods: Sequence[str], *, model_name: str,
                         strides=strides, feature_size=feature_size),
       head_hidden_sizes=tuple(head_hidden))
   batch = synthetic_batch(tasks, input_shape, batch_size, seed)
-  compiled, reps, modes = {}, {}, {}
+  setting = Setting(num_tasks, model_name, batch_size, chunk_size)
   for method in methods:
     if method == BASELINE:
       if head_hidden:
         raise ValueError("the hand-written baseline has linear heads; drop "
                          "--head_hidden or the 'baseline' method")
-      compiled[method] = compile_baseline_step(
+      setting.compiled[method] = compile_baseline_step(
           tasks, batch, input_dim=int(np.prod(input_shape)), hidden=hidden,
           learning_rate=learning_rate, seed=seed)
-      reps[method] = False
+      setting.reps[method] = False
       continue
     if (rep_grad and method in aggregation.AGGREGATORS and
         not aggregation.get_aggregator(method).rep_grad_ok):
@@ -380,29 +423,73 @@ def benchmark_setting(methods: Sequence[str], *, model_name: str,
            if method in aggregation.AGGREGATORS else None)
     for i, mode in enumerate(jacobian if agg is not None else ("auto",)):
       name = method if i == 0 else f"{method}@{mode}"
-      compiled[name], reps[name] = compile_framework_step(
+      setting.compiled[name], setting.reps[name] = compile_framework_step(
           model, tasks, method, batch, rep_grad=rep_grad,
           chunk_size=chunk_size, learning_rate=learning_rate, seed=seed,
           jacobian=mode)
-      modes[name] = (jacobian_used(agg, mode, reps[name])
-                     if agg is not None else None)
-  time_interleaved(compiled, steps=steps, rounds=rounds, warmup=warmup)
+      setting.modes[name] = (jacobian_used(agg, mode, setting.reps[name])
+                             if agg is not None else None)
+  return setting
+
+
+def time_settings(settings: Sequence[Setting], *, steps: int, rounds: int,
+                  warmup: int) -> list[dict[str, Any]]:
+  """Times the steps of all `settings` in one interleaved pool; the rows.
+
+  Interleaving across settings too (not only across the methods of one)
+  puts load from other processes on every K alike, so that the step times of
+  a scaling sweep are comparable with each other, not only their ratios to
+  `ew`.
+  """
+  pool = {(i, name): c for i, s in enumerate(settings)
+          for name, c in s.compiled.items()}
+  time_interleaved(pool, steps=steps, rounds=rounds, warmup=warmup)
   peak = peak_device_bytes()
-  rows = []
-  for method, c in compiled.items():
-    rows.append({"method": method, "model": model_name,
-                 "num_tasks": num_tasks, "batch_size": batch_size,
-                 "rep_grad": reps[method], "chunk_size": chunk_size,
-                 "jacobian": modes.get(method),
-                 **summarize(c.times), "timed_steps": len(c.times),
-                 "compile_s": round(c.compile_s, 3), "peak_bytes": peak,
-                 **c.memory, "backend": jax.default_backend()})
-  ms = {r["method"]: r["ms_per_step"] for r in rows}
+  return [r for s in settings for r in s.rows(peak)]
+
+
+def benchmark_setting(methods: Sequence[str], *, steps: int, rounds: int,
+                      warmup: int, **kwargs: Any) -> list[dict[str, Any]]:
+  """Compiles and times every method at one setting; returns the rows
+  (`compile_setting`'s arguments)."""
+  return time_settings([compile_setting(methods, **kwargs)], steps=steps,
+                       rounds=rounds, warmup=warmup)
+
+
+def scaling_summary(rows: Sequence[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+  """How each method's step time grows with the number of tasks K.
+
+  For every method (and rep_grad) timed at two or more K: `exponent`, the
+  least-squares slope of log(ms) against log(K) (1: linear; below 1:
+  sublinear), and `local_exponents`, the slope between each pair of
+  neighbouring K (`"K1-K2": log(ms2/ms1) / log(K2/K1)`), whose maximum
+  (`max_local_exponent`) shows the steepest step of the sweep.
+  """
+  series: dict[tuple[str, bool], dict[int, float]] = {}
   for r in rows:
-    for ref in (EW, BASELINE):
-      if ref in ms:
-        r[f"ratio_to_{ref}"] = round(r["ms_per_step"] / ms[ref], 3)
-  return rows
+    if "ms_per_step" in r and "num_tasks" in r and r["model"] != (
+        "multi_digits"):
+      series.setdefault((r["method"], bool(r["rep_grad"])), {})[
+          r["num_tasks"]] = r["ms_per_step"]
+  out = []
+  for (method, rep), points in series.items():
+    ks = sorted(points)
+    if len(ks) < 2:
+      continue
+    x = np.log(np.asarray(ks, np.float64))
+    y = np.log(np.asarray([points[k] for k in ks], np.float64))
+    exponent = float(np.polyfit(x, y, 1)[0])
+    local = {f"{a}-{b}": round(float(np.log(points[b] / points[a]) /
+                                     np.log(b / a)), 3)
+             for a, b in zip(ks[:-1], ks[1:])}
+    out.append({"method": method, "rep_grad": rep, "num_tasks_swept": ks,
+                "exponent": round(exponent, 3),
+                "max_local_exponent": max(local.values()),
+                "local_exponents": local,
+                "growth": round(points[ks[-1]] / points[ks[0]], 3),
+                "tasks_ratio": round(ks[-1] / ks[0], 3)})
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -561,23 +648,33 @@ def run() -> list[dict[str, Any]]:
                      f"{', '.join(step_lib.JACOBIAN_MODES)}")
   input_shape = ((_INPUT_DIM.value,) if model == "mlp"
                  else _ints(_IMAGE_SHAPE.value))
-  rows: list[dict[str, Any]] = []
-  for k in _ints(_NUM_TASKS.value):
-    if not methods:
-      break
-    setting = benchmark_setting(
+
+  def setting(k: int) -> Setting:
+    return compile_setting(
         methods, model_name=model, num_tasks=k,
         num_classes=_NUM_CLASSES.value, batch_size=_BATCH_SIZE.value,
         input_shape=input_shape, hidden=_ints(_HIDDEN.value),
         channels=_ints(_CHANNELS.value), strides=_ints(_STRIDES.value),
-        feature_size=_FEATURE_SIZE.value, head_hidden=_ints(_HEAD_HIDDEN.value),
-        rep_grad=_REP_GRAD.value, chunk_size=_CHUNK_SIZE.value or None,
-        steps=_STEPS.value, rounds=_ROUNDS.value, warmup=_WARMUP.value,
-        learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
-        jacobian=modes)
-    for r in setting:
+        feature_size=_FEATURE_SIZE.value,
+        head_hidden=_ints(_HEAD_HIDDEN.value), rep_grad=_REP_GRAD.value,
+        chunk_size=_CHUNK_SIZE.value or None,
+        learning_rate=_LEARNING_RATE.value, seed=_SEED.value, jacobian=modes)
+
+  ks = _ints(_NUM_TASKS.value) if methods else ()
+  if _INTERLEAVE_SETTINGS.value:
+    groups = iter([[setting(k) for k in ks]] if ks else [])
+  else:  # compiled one at a time: the previous one is freed first
+    groups = ([setting(k)] for k in ks)
+  rows: list[dict[str, Any]] = []
+  for group in groups:
+    for r in time_settings(group, steps=_STEPS.value, rounds=_ROUNDS.value,
+                           warmup=_WARMUP.value):
       print(json.dumps(r), flush=True)
-    rows += setting
+      rows.append(r)
+    del group  # its compiled steps and states, before the next compiles
+  summary = scaling_summary(rows)
+  for r in summary:
+    print(json.dumps({"scaling": r}), flush=True)
   if _PIPELINE.value:
     for r in benchmark_pipeline(
         data_dir=_DATA_DIR.value, builder_config=_DATA_CONFIG.value,
@@ -590,6 +687,9 @@ def run() -> list[dict[str, Any]]:
     with open(os.path.join(_OUT.value, "benchmark.jsonl"), "w") as f:
       for r in rows:
         f.write(json.dumps(r) + "\n")
+    if summary:
+      with open(os.path.join(_OUT.value, "scaling.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     plot_scaling(rows, os.path.join(_OUT.value, "step_time_vs_tasks.png"))
   return rows
 
@@ -611,11 +711,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   return flags.FLAGS(rest)  # absl's own (logging, ...); rejects the unknown
 
 
-def main(argv: Sequence[str]) -> list[dict[str, Any]]:
-  """Runs the benchmark; `argv` is what `parse_flags` left (as in `app.run`)."""
+def main(argv: Sequence[str]) -> None:
+  """Runs the benchmark; `argv` is what `parse_flags` left (as in `app.run`).
+
+  Returns None: `app.run` exits with what `main` returns (a list would print
+  to stderr and exit with status 1). `run()` returns the rows.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  return run()
+  run()
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from experiments import benchmark
 from mtl_jax import aggregation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FIELDS = ("method", "model", "num_tasks", "batch_size", "rep_grad",
           "chunk_size", "ms_per_step", "ms_q25", "ms_q75", "timed_steps",
@@ -17,7 +22,23 @@ FIELDS = ("method", "model", "num_tasks", "batch_size", "rep_grad",
 
 
 def _main(*args: str) -> list[dict]:
-  return benchmark.main(benchmark.parse_flags(["benchmark", *args]))
+  benchmark.parse_flags(["benchmark", *args])
+  return benchmark.run()
+
+
+def test_script_exits_with_status_0():
+  # app.run exits with main's return value: a list of rows would print to
+  # stderr and exit with status 1.
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--hidden=4",
+       "--input_dim=3", "--batch_size=2", "--num_tasks=1", "--steps=1",
+       "--warmup=0", "--methods=ew"], cwd=REPO, capture_output=True,
+      text=True, timeout=300, check=False,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines()
+            if line.startswith("{")]
+  assert (row["method"], row["num_tasks"], row["timed_steps"]) == ("ew", 1, 1)
 
 
 def test_main_prints_json_lines_and_writes_the_plot(tmp_path, capsys):
@@ -27,7 +48,15 @@ def test_main_prints_json_lines_and_writes_the_plot(tmp_path, capsys):
                "--methods=ew,mgda", f"--out={out}")
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
-  assert printed == rows
+  assert printed[:len(rows)] == rows
+  # Then one scaling line per method: K=1 and 2 were timed.
+  summary = [p["scaling"] for p in printed[len(rows):]]
+  assert [(s["method"], s["num_tasks_swept"]) for s in summary] == [
+      ("ew", [1, 2]), ("mgda", [1, 2])]
+  for s in summary:
+    ms = {r["num_tasks"]: r["ms_per_step"] for r in rows
+          if r["method"] == s["method"]}
+    assert s["exponent"] == pytest.approx(math.log2(ms[2] / ms[1]), abs=2e-3)
   assert [(r["method"], r["num_tasks"]) for r in rows] == [
       (m, k) for k in (1, 2) for m in ("ew", "mgda")]
   for r in rows:
@@ -39,9 +68,56 @@ def test_main_prints_json_lines_and_writes_the_plot(tmp_path, capsys):
     assert r["temp_bytes"] is not None and r["argument_bytes"] > 0
   with open(os.path.join(out, "benchmark.jsonl")) as f:
     assert [json.loads(line) for line in f] == rows
+  with open(os.path.join(out, "scaling.json")) as f:
+    assert json.load(f) == summary
   png = os.path.join(out, "step_time_vs_tasks.png")
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_settings_timed_one_after_the_other():
+  rows = _main("--hidden=8", "--input_dim=6", "--batch_size=4",
+               "--num_tasks=2,3", "--steps=2", "--rounds=1", "--warmup=0",
+               "--methods=ew", "--nointerleave_settings")
+  assert [(r["method"], r["num_tasks"], r["timed_steps"]) for r in rows] == [
+      ("ew", 2, 2), ("ew", 3, 2)]
+  assert [r["ms_per_task"] for r in rows] == [
+      round(r["ms_per_step"] / r["num_tasks"], 3) for r in rows]
+
+
+def _row(method, k, ms, rep_grad=False):
+  return {"method": method, "model": "mlp", "num_tasks": k,
+          "rep_grad": rep_grad, "ms_per_step": ms}
+
+
+def test_scaling_summary_slopes():
+  rows = ([_row("lin", k, 3.0 * k) for k in (1, 2, 4, 8)] +
+          [_row("sqrt", k, 5.0 * math.sqrt(k)) for k in (1, 4, 16)] +
+          # Linear except one step: x4 from K=2 to 4 (local slope 2).
+          [_row("kink", 1, 1.0), _row("kink", 2, 2.0), _row("kink", 4, 8.0),
+           _row("kink", 8, 16.0)] +
+          [_row("lin", k, 2.0 * k * k, rep_grad=True) for k in (2, 4)] +
+          [_row("single", 4, 1.0),
+           {"method": "pipeline/mixture", "model": "multi_digits",
+            "num_tasks": 3, "examples_per_s": 1e4}])
+  by = {(s["method"], s["rep_grad"]): s
+        for s in benchmark.scaling_summary(rows)}
+  # One K only, or no step time: no summary.
+  assert set(by) == {("lin", False), ("sqrt", False), ("kink", False),
+                     ("lin", True)}
+  assert by["lin", False]["exponent"] == pytest.approx(1.0)
+  assert by["lin", False]["local_exponents"] == {"1-2": 1.0, "2-4": 1.0,
+                                                 "4-8": 1.0}
+  assert by["lin", False]["growth"] == 8.0
+  assert by["sqrt", False]["exponent"] == pytest.approx(0.5)
+  assert by["sqrt", False]["max_local_exponent"] == 0.5
+  # Least squares through log2 ms = (0, 1, 3, 4) at log2 K = (0, 1, 2, 3).
+  assert by["kink", False]["exponent"] == pytest.approx(1.4)
+  assert by["kink", False]["local_exponents"] == {"1-2": 1.0, "2-4": 2.0,
+                                                  "4-8": 1.0}
+  assert by["kink", False]["max_local_exponent"] == 2.0
+  assert by["lin", True]["exponent"] == pytest.approx(2.0)
+  assert by["lin", True]["tasks_ratio"] == 2.0
 
 
 def test_rep_grad_and_chunked_settings():
