@@ -229,17 +229,18 @@ class _Wrapped(nn.Module):
     return self.shared(x)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])
-def test_gram_of_factors_equals_gram_of_explicit_rows(scale):
+@pytest.mark.parametrize("scale,chunk_size", [
+    (1.0, None), (1.0, 1), (1.0, 2), (1e25, None), (1e25, 2), (1e-25, None)])
+def test_gram_of_factors_equals_gram_of_explicit_rows(scale, chunk_size):
   """Huge and tiny gradients take the rescaled path: still the same matrix
-  up to the power of two s (and finite)."""
+  up to the power of two s (and finite); chunks give the same matrix."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
   jac, rows, sites = _factored(_Wrapped(scale), x, 3)
   assert [s.path for s in sites] == [("shared", "a"), ("shared", "b")]
   assert jax.tree.leaves(jac.leaves) == []  # every leaf is factored
   present = jnp.array([True, True, True])
   weights = jnp.array([1.0, 0.5, 2.0])
-  got, s = gram_lib.scaled_gram(jac, weights, present)
+  got, s = gram_lib.scaled_gram(jac, weights, present, chunk_size=chunk_size)
   want, s_want = agg_base.scaled_gram(rows * weights[:, None])
   assert np.all(np.isfinite(np.asarray(got)))
   np.testing.assert_allclose(got * (s / s_want) ** 2, want, rtol=1e-4,
@@ -249,6 +250,23 @@ def test_gram_of_factors_equals_gram_of_explicit_rows(scale):
                                        jnp.array([True, False, True]))
   assert np.all(np.asarray(got_absent)[1] == 0)
   assert np.all(np.asarray(got_absent)[:, 1] == 0)
+
+
+# (K, out, chunk): blocks of out columns that divide `out`, that do not (the
+# last block overlaps its neighbour, whose columns it zeroes), more blocks
+# wanted than columns, one task per chunk, and chunks of K or more (no
+# blocks).
+@pytest.mark.parametrize("k,out,chunk_size", [
+    (4, 8, 2), (7, 13, 3), (9, 4, 2), (5, 7, 1), (3, 5, 3), (3, 5, 8)])
+def test_kernel_gram_in_column_blocks_equals_gram_of_rows(k, out, chunk_size):
+  rng = np.random.default_rng(k * out)
+  a = rng.normal(size=(6, 5)).astype(np.float32)  # [N, in]
+  d = rng.normal(size=(k, 6, out)).astype(np.float32)  # [K, N, out]
+  rows = np.einsum("ni,kno->kio", a.astype(np.float64),
+                   d.astype(np.float64)).reshape(k, -1)  # A^T D_k, flattened
+  got = gram_lib._kernel_gram(jnp.asarray(a), jnp.asarray(d), chunk_size)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, rows @ rows.T, rtol=1e-5,
+                             atol=1e-5 * np.abs(rows @ rows.T).max())
 
 
 def test_combination_of_factors_equals_combination_of_rows():

@@ -241,21 +241,36 @@ def _kernel_gram(a: jax.Array, d: jax.Array, chunk_size: int | None = None
                  ) -> jax.Array:
   """`[K, K]` Gram matrix of a dense kernel's task gradients `A^T D_k`.
 
-  With `chunk_size`, `(A A^T) D_k` is formed for that many tasks at a time
-  (memory `chunk_size N out` instead of `K N out`).
+  `G_kl = <D_k, (A A^T) D_l>`. With `chunk_size` C, `(A A^T) D` is formed for
+  all K tasks but a block of `~out C / K` output columns at a time (memory
+  `~C N out`, as for C tasks' full `D_k`), and each block is contracted while
+  it is still in cache: `D` is read once. (Blocks of tasks would contract
+  each block with every task's `D_l`, reading all of `D` K/C times.)
   """
-  k = d.shape[0]
+  k, _, out = d.shape
   aa = jnp.matmul(a, a.T, precision=_HIGHEST)  # [N, N]
-  flat = d.reshape(k, -1)  # [K, N out]
   if chunk_size is None or chunk_size >= k:
     m = jnp.matmul(aa[None], d, precision=_HIGHEST)  # [K, N, out]
-    return jnp.matmul(flat, m.reshape(k, -1).T, precision=_HIGHEST)
+    return jnp.matmul(d.reshape(k, -1), m.reshape(k, -1).T,
+                      precision=_HIGHEST)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  width = -(-out // -(-k // chunk_size))  # columns per block
+  num_blocks = -(-out // width)
 
-  def row(d_k):  # [N, out] -> [K]: one row of the Gram matrix
-    m_k = jnp.matmul(aa, d_k, precision=_HIGHEST)
-    return jnp.matmul(flat, m_k.reshape(-1), precision=_HIGHEST)
+  def block(g, b):
+    # The last block may start before b * width (same width, inside the
+    # array); the columns a previous block had are zeroed.
+    start = jnp.minimum(b * width, out - width)
+    d_b = jax.lax.dynamic_slice_in_dim(d, start, width, axis=2)  # [K, N, w]
+    d_b = jnp.where(start + jnp.arange(width) >= b * width, d_b, 0.0)
+    m_b = jnp.matmul(aa[None], d_b, precision=_HIGHEST)
+    return g + jnp.matmul(d_b.reshape(k, -1), m_b.reshape(k, -1).T,
+                          precision=_HIGHEST), None
 
-  return jax.lax.map(row, d, batch_size=chunk_size)
+  gram, _ = jax.lax.scan(block, jnp.zeros((k, k), d.dtype),
+                         jnp.arange(num_blocks))
+  return gram
 
 
 def _gather_rows(fj: FactoredJacobian, axis_name: str | None
@@ -347,8 +362,8 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
     task_scale: `[K]` row factors (the loss weights).
     present: `bool [K]`.
     axis_name: the pmap axis (rows are gathered, leaves are psum-ed).
-    chunk_size: form the dense layers' `(A A^T) D_k` for this many tasks at
-      a time.
+    chunk_size: bound the dense layers' `(A A^T) D` to the memory of this
+      many tasks' (formed for all tasks, a block of columns at a time).
   """
   acts, deltas = _gather_rows(fj, axis_name)
   leaves = fj.leaves
