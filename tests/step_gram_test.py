@@ -252,12 +252,13 @@ def test_gram_of_factors_equals_gram_of_explicit_rows(scale, chunk_size):
   assert np.all(np.asarray(got_absent)[:, 1] == 0)
 
 
-# (K, out, chunk): blocks of out columns that divide `out`, that do not (the
-# last block overlaps its neighbour, whose columns it zeroes), more blocks
-# wanted than columns, one task per chunk, and chunks of K or more (no
+# (K, out, chunk): blocks (32 columns or a multiple) that divide `out`, that
+# do not (the last block overlaps its neighbour, whose columns it zeroes),
+# one task per chunk, one block for all columns, and chunks of K or more (no
 # blocks).
 @pytest.mark.parametrize("k,out,chunk_size", [
-    (4, 8, 2), (7, 13, 3), (9, 4, 2), (5, 7, 1), (3, 5, 3), (3, 5, 8)])
+    (4, 64, 2), (7, 70, 3), (9, 40, 2), (5, 100, 1), (5, 7, 1), (3, 5, 3),
+    (3, 5, 8)])
 def test_kernel_gram_in_column_blocks_equals_gram_of_rows(k, out, chunk_size):
   rng = np.random.default_rng(k * out)
   a = rng.normal(size=(6, 5)).astype(np.float32)  # [N, in]
