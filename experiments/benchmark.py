@@ -8,7 +8,7 @@ synthetic batch, compiles the train step of every method, and times it:
       --hidden=512,512,256 --num_tasks=4 --batch_size=256 --steps=30
   python -m experiments.benchmark --rep_grad --methods=ew,mgda,imtl_g
   python -m experiments.benchmark --num_tasks=1,2,4,8,16,32,40 \
-      --methods=ew,mgda,pcgrad --chunk_size=8 --out=runs/bench
+      --methods=ew,mgda,pcgrad --chunk_size=4 --out=runs/bench
   python -m experiments.benchmark --model=cnn --batch_size=128
   python -m experiments.benchmark --pipeline --methods= --data_dir=data/tfds
 
