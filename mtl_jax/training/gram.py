@@ -246,9 +246,9 @@ def _kernel_gram(a: jax.Array, d: jax.Array, chunk_size: int | None = None
   `G_kl = <D_k, (A A^T) D_l>`. With `chunk_size` C, `(A A^T) D` is formed for
   all K tasks but a block of `~out C / K` output columns at a time (memory
   `~C N out`, as for C tasks' full `D_k`; blocks are rounded up to a multiple
-  of 32 columns), and each block is contracted while
-  it is still in cache: `D` is read once. (Blocks of tasks would contract
-  each block with every task's `D_l`, reading all of `D` K/C times.)
+  of 32 columns), and each block is contracted while it is still in cache:
+  `D` is read once. (Blocks of tasks would contract each block with every
+  task's `D_l`, reading all of `D` K/C times.)
   """
   k, _, out = d.shape
   aa = jnp.matmul(a, a.T, precision=_HIGHEST)  # [N, N]
