@@ -312,6 +312,15 @@ def test_unknown_jacobian_mode_is_rejected():
                              jacobian="fast")
 
 
+@pytest.mark.parametrize("chunk_size", [0, -2])
+def test_chunk_size_below_one_is_rejected(chunk_size):
+  with pytest.raises(ValueError, match=f"chunk_size must be >= 1 .*got "
+                     f"{chunk_size}"):
+    step_lib.make_train_step(_mlp().apply, TASKS, optax.sgd(0.1), W,
+                             aggregator=aggregation.get_aggregator("mgda"),
+                             chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("leak", [0.0, 1.0])
 def test_factored_graddrop_step_matches_full_step(leak):
   """GradDrop runs leaf by leaf (no [K, P] matrix) on rows formed from the

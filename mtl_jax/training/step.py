@@ -171,7 +171,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
   Raises:
     ValueError: rep_grad without an aggregator, or with one that is not valid
-      on representation gradients.
+      on representation gradients; an unknown jacobian mode; chunk_size < 1.
   """
   if rep_grad and aggregator is None:
     raise ValueError("rep_grad=True needs a gradient aggregator")
@@ -181,6 +181,9 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   if jacobian not in JACOBIAN_MODES:
     raise ValueError(f"unknown jacobian mode {jacobian!r}; valid: "
                      f"{', '.join(JACOBIAN_MODES)}")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1 (or None: all tasks in one "
+                     f"vmap), got {chunk_size}")
   needs_norms = "grad_norms" in weighting.needs
   num_tasks = len(tasks)
   factored = (jacobian != "full" and aggregator is not None
