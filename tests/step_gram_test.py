@@ -171,8 +171,9 @@ def test_shared_dense_called_twice_layernorm_and_aux_loss(method):
   _assert_close(got_m, want_m)
 
 
-@pytest.mark.parametrize("method", ["nash_mtl", "graddrop"])
-def test_pmap_factored_step_matches_one_device_full_step(method):
+@pytest.mark.parametrize("method,chunk_size", [
+    ("nash_mtl", None), ("graddrop", None), ("graddrop", 1)])
+def test_pmap_factored_step_matches_one_device_full_step(method, chunk_size):
   """Rows gathered over 4 devices give the global Gram matrix; GradDrop's
   rows are summed over devices before the sign dropout."""
   mesh = parallel.make_mesh(4)
@@ -181,7 +182,7 @@ def test_pmap_factored_step_matches_one_device_full_step(method):
   state = par.put_state(_state(model, tx, agg))
   step = par.compile_train_step(step_lib.make_train_step(
       model.apply, TASKS, tx, W, aggregator=agg, jacobian="factored",
-      axis_name=par.axis_name), state)
+      chunk_size=chunk_size, axis_name=par.axis_name), state)
   batches = [_batch(0), _batch(1, absent="cls")]
   for batch in batches:
     state, _ = step(state, par.put_batch(batch))
@@ -321,15 +322,19 @@ def test_chunk_size_below_one_is_rejected(chunk_size):
                              chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("leak", [0.0, 1.0])
-def test_factored_graddrop_step_matches_full_step(leak):
+# With chunk_size, each kernel's rows are formed in blocks of input rows
+# (chunk 1 of K=3 tasks: blocks of 2 of the first kernel's 4 input rows,
+# blocks of 3 of the second's 8, the last one overlapping).
+@pytest.mark.parametrize("leak,chunk_size", [
+    (0.0, None), (1.0, None), (0.0, 1), ((0.3, 0.0, 1.0), 2)])
+def test_factored_graddrop_step_matches_full_step(leak, chunk_size):
   """GradDrop runs leaf by leaf (no [K, P] matrix) on rows formed from the
   factors, in the leaves' own layout: the same draws for the same
   coordinate as the full path, so the same params. With leak 1 it passes
   every gradient: the plain sum of the rows."""
   agg = aggregation.get_aggregator("graddrop", leak=leak)
   batches = [_batch(0), _batch(1, absent="reg"), _batch(2)]
-  got, got_m = _run(_mlp(), agg, "auto", batches)
+  got, got_m = _run(_mlp(), agg, "auto", batches, chunk_size=chunk_size)
   want, want_m = _run(_mlp(), agg, "full", batches)
   _assert_close(got.params, want.params)
   _assert_close(got_m, want_m)

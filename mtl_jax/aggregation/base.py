@@ -63,9 +63,11 @@ class Aggregator(NamedTuple):
       *, losses, counts, rng) -> (weights [K], state)` (see the module
       docstring); None for methods that need the gradients themselves.
     columnwise: True if coordinate j of the direction depends only on column
-      j of `grads` (and on `rng`), and the method is stateless: the train
-      step may then call `update` on each parameter leaf's columns alone,
-      with a different key per leaf (GradDrop).
+      j of `grads` (and on `rng` and j), and the method is stateless: the
+      train step may then call `update` on each parameter leaf's columns
+      alone, with a different key per leaf, or on a block of them:
+      `update(..., column_offset=o)` takes `grads`' columns to be the leaf's
+      columns `o, o + 1, ...` (GradDrop).
   """
 
   init: Callable[[int], Any]

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.aggregation.base import Aggregator, present_mask, stateless
+from mtl_jax.aggregation.base import Aggregator, EmptyState, present_mask
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Up to this many tasks the sums over tasks are unrolled into one fused pass.
@@ -51,8 +51,13 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def hash_uniforms(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
+def hash_uniforms(rng: jax.Array, shape: Sequence[int],
+                  offset: int | jax.Array = 0) -> jax.Array:
   """float32 draws from U[0, 1) on a 2^-24 grid, one per coordinate.
+
+  The draw of flat coordinate j is a function of `rng` and `offset + j`
+  only: `hash_uniforms(rng, (n,), o)` is `hash_uniforms(rng, (o + n,))[o:]`,
+  so a block of a leaf's coordinates gets the draws of the whole leaf.
 
   A counter-based generator: two 32-bit words drawn from `rng` (threefry)
   key two rounds of MurmurHash3's finalizer over the coordinate index. One
@@ -66,7 +71,9 @@ def hash_uniforms(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
   if size >= 2 ** 32:
     raise ValueError(f"hash_uniforms draws at most 2^32 - 1 values, got {size}")
   seed = jax.random.bits(rng, (2,), jnp.uint32)
-  x = jax.lax.iota(jnp.uint32, size) * jnp.uint32(0x9E3779B9) + seed[0]
+  index = jax.lax.iota(jnp.uint32, size) + jnp.asarray(offset).astype(
+      jnp.uint32)
+  x = index * jnp.uint32(0x9E3779B9) + seed[0]
   x = _fmix32(_fmix32(x) ^ seed[1])
   u = (x >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
   return u.reshape(tuple(shape))
@@ -166,22 +173,23 @@ def graddrop(leak: float | Sequence[float] = 0.0) -> Aggregator:
       raise ValueError(f"graddrop has {leaks.shape[0]} leaks for {num_tasks} "
                        "tasks")
 
-  def fn(grads, *, losses=None, counts=None, rng=None):
+  def init(num_tasks: int) -> EmptyState:
+    check_tasks(num_tasks)
+    return EmptyState()
+
+  def update(grads, state, *, losses=None, counts=None, rng=None,
+             column_offset=0):
     del losses
     if rng is None:
       raise ValueError("graddrop needs an rng key (sign dropout draws)")
     num_tasks = grads.shape[0]
     check_tasks(num_tasks)
-    uniforms = hash_uniforms(rng, grads.shape[1:]).astype(grads.dtype)  # [P]
-    return sign_dropout(grads, present_mask(counts, num_tasks), uniforms, leaks)
-
-  aggregator = stateless(fn, rep_grad_ok=True)
-  stateless_init = aggregator.init
-
-  def init(num_tasks: int):
-    check_tasks(num_tasks)
-    return stateless_init(num_tasks)
+    uniforms = hash_uniforms(rng, grads.shape[1:], column_offset).astype(
+        grads.dtype)  # [P]
+    return sign_dropout(grads, present_mask(counts, num_tasks), uniforms,
+                        leaks), state
 
   # Columnwise: the train step applies it to each parameter leaf's columns
-  # (with a key per leaf) instead of the concatenated [K, P] matrix.
-  return aggregator._replace(init=init, columnwise=True)
+  # (with a key per leaf), or to blocks of them (`column_offset`), instead
+  # of the concatenated [K, P] matrix.
+  return Aggregator(init, update, rep_grad_ok=True, columnwise=True)

@@ -405,16 +405,25 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
   return jax.lax.cond(safe, fast, rescaled, None)
 
 
+def _kernel_rows(a: jax.Array, d: jax.Array) -> jax.Array:
+  """`[K, in, out]` rows `A^T D_k` of a dense kernel: one GEMM per task, `A^T`
+  (transposed once, `[in, N]`) times `D_k` as laid out by the backward
+  pass."""
+  at = jnp.broadcast_to(a.T.astype(d.dtype), (d.shape[0],) + a.T.shape)
+  return jnp.matmul(at, d, precision=_HIGHEST)
+
+
 def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
   """The rows `task_scale[k] * grad L_k` of every shared param, `[K, ...]`.
 
-  For aggregators that need every coordinate of every task gradient
-  (GradDrop). A factored kernel's rows `A^T D_k` are one GEMM per task over
-  this device's rows: the multiply-adds of the batched VJP's weight
-  gradients, but with `A^T` transposed once (not each `D_k`) and the rows
-  in the kernel's own layout `[K, in, out]`, so a columnwise consumer reads
-  them without a copy and writes its direction without a transpose (on 2 CPU
-  cores GradDrop's step went from 3.0x to 2.4x equal weighting at K = 4).
+  For consumers that need every coordinate of every task gradient at once
+  (the train step's GradDrop takes them in blocks: `columnwise_blocks`). A
+  factored kernel's rows `A^T D_k` are one GEMM per task over this device's
+  rows: the multiply-adds of the batched VJP's weight gradients, but with
+  `A^T` transposed once (not each `D_k`) and the rows in the kernel's own
+  layout `[K, in, out]`, so a columnwise consumer reads them without a copy
+  and writes its direction without a transpose (on 2 CPU cores GradDrop's
+  step went from 3.0x to 2.4x equal weighting at K = 4).
 
   Returns a pytree shaped like `params["shared"]` with a leading task axis.
   """
@@ -423,15 +432,84 @@ def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
     key = site_key(s.path)
     a, d = fj.acts[key], fj.deltas[key]
     d = d * task_scale.astype(d.dtype)[:, None, None]  # [K, N, out]
-    # [K, in, out], one GEMM per task: A^T (transposed once, N x in) times
-    # D_k as laid out by the backward pass.
-    at = jnp.broadcast_to(a.T.astype(d.dtype), (d.shape[0],) + a.T.shape)
-    out[s.path[1:] + ("kernel",)] = jnp.matmul(at, d, precision=_HIGHEST)
+    out[s.path[1:] + ("kernel",)] = _kernel_rows(a, d)
     if s.use_bias:
       out[s.path[1:] + ("bias",)] = jnp.sum(d, axis=1)
 
   return _fill_unfactored(fj, out, lambda leaf: leaf * task_scale.astype(
       leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1)))
+
+
+def columnwise_blocks(fj: FactoredJacobian, task_scale: jax.Array,
+                      direction: Callable[[int, jax.Array, Any], jax.Array],
+                      chunk_size: int,
+                      reduce: Callable[[jax.Array], jax.Array] = lambda x: x
+                      ) -> Any:
+  """A columnwise aggregator's direction from the factors, in blocks.
+
+  The rows `task_scale[k] * grad L_k` of a factored kernel, `A^T D_k`, are
+  formed for a block of ~`in chunk_size / K` of its input rows at a time
+  (memory ~`chunk_size in out`, as for `chunk_size` tasks' rows), summed
+  over devices by `reduce` (a psum under pmap) and handed to `direction`;
+  the `[K, P]` rows never exist at once. Other leaves (biases, unfactored
+  leaves) are small and go whole.
+
+  Args:
+    fj: the factored per-task gradients of this device's rows.
+    task_scale: `[K]` row factors (the loss weights, 0 for absent tasks).
+    direction: `direction(i, rows [K, n], offset) -> [n]`: the direction of
+      the flat coordinates `offset .. offset + n - 1` of leaf i (the order of
+      `jax.tree.leaves` of the shared params), from those coordinates' rows.
+    chunk_size: the memory bound, in tasks' rows.
+    reduce: sums this device's rows over devices.
+
+  Returns:
+    The direction, a pytree shaped like `params["shared"]`.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  k = task_scale.shape[0]
+
+  def kernel(a, d):
+    def run(i):
+      n_in, out = a.shape[1], d.shape[2]
+      height = min(n_in, -(-n_in * chunk_size // k))  # input rows per block
+
+      def block(acc, b):
+        # The last block may start before b * height (same height): its
+        # rows overlap the previous block's, whose directions it recomputes
+        # exactly (the same coordinates, hence the same draws).
+        start = jnp.minimum(b * height, n_in - height)
+        a_b = jax.lax.dynamic_slice_in_dim(a, start, height, axis=1)
+        rows = reduce(_kernel_rows(a_b, d))  # [K, h, out]
+        dir_b = direction(i, rows.reshape(k, -1), start * out)
+        return jax.lax.dynamic_update_slice_in_dim(
+            acc, dir_b.reshape(height, out).astype(acc.dtype), start,
+            axis=0), None
+
+      acc, _ = jax.lax.scan(block, jnp.zeros((n_in, out), d.dtype),
+                            jnp.arange(-(-n_in // height)))
+      return acc
+    return run
+
+  def whole(rows):  # [K, ...] -> a leaf's direction, in one piece
+    return lambda i: direction(i, reduce(rows).reshape(k, -1), 0).reshape(
+        rows.shape[1:])
+
+  thunks: dict[tuple[str, ...], Callable[[int], jax.Array]] = {}
+  for s in fj.sites:
+    key = site_key(s.path)
+    a, d = fj.acts[key], fj.deltas[key]
+    d = d * task_scale.astype(d.dtype)[:, None, None]  # [K, N, out]
+    thunks[s.path[1:] + ("kernel",)] = kernel(a, d)
+    if s.use_bias:
+      thunks[s.path[1:] + ("bias",)] = whole(jnp.sum(d, axis=1))
+  tree = _fill_unfactored(fj, thunks, lambda leaf: whole(
+      leaf * task_scale.astype(leaf.dtype).reshape(
+          (-1,) + (1,) * (leaf.ndim - 1))))
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=callable)
+  return jax.tree.unflatten(treedef,
+                            [run(i) for i, run in enumerate(leaves)])
 
 
 def _fill_unfactored(fj: FactoredJacobian,

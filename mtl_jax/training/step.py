@@ -396,9 +396,19 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     weights = jax.lax.stop_gradient(weights)  # [K]
     grads = others_grads(weights)
     if aggregator.columnwise:
-      shared, aggregation_state = columnwise_update(
-          psum(gram_lib.task_rows(jac, jnp.where(present, weights, 0.0))),
-          state.aggregation_state, losses, counts, aggregator_key)
+      # Each leaf's rows formed from the factors, in blocks of ~chunk_size
+      # tasks' memory (one block per leaf without chunks), with the key of
+      # the leaf and the draws of the block's coordinates (as
+      # columnwise_update on the full rows).
+      def direction(i, rows, offset):
+        return aggregator.update(
+            rows, state.aggregation_state, losses=losses, counts=counts,
+            rng=jax.random.fold_in(aggregator_key, i),
+            column_offset=offset)[0]
+      shared = gram_lib.columnwise_blocks(
+          jac, jnp.where(present, weights, 0.0), direction,
+          chunk_size or num_tasks, psum)
+      aggregation_state = state.aggregation_state  # columnwise: stateless
     else:
       shared, aggregation_state = gram_direction(jac, weights, present, losses,
                                                  counts, state, aggregator_key)

@@ -66,6 +66,30 @@ def test_update_uses_one_uniform_per_coordinate_from_rng():
   assert {o[0] for o in outcomes} == {3.0} and {o[3] for o in outcomes} == {0.0}
 
 
+def test_a_block_of_columns_gets_the_draws_of_the_whole_leaf():
+  """Draws depend on the coordinate's index only: a block at offset o (a
+  Python int or a traced one) gets the leaf's draws o, o + 1, ..., and the
+  update of a block of columns is that block of the leaf's update."""
+  key = jax.random.key(3)
+  whole = np.asarray(hash_uniforms(key, (40,)))
+  np.testing.assert_array_equal(hash_uniforms(key, (3, 4), 17),
+                                whole[17:29].reshape(3, 4))
+  traced = jax.jit(lambda o: hash_uniforms(key, (6,), o))
+  np.testing.assert_array_equal(traced(jnp.int32(30)), whole[30:36])
+  grads = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32)
+  counts = jnp.ones(3, jnp.float32)
+  full = _run(UPDATE, grads, counts, key)
+  block, _ = UPDATE(jnp.asarray(grads[:, 25:33]), AGG.init(3),
+                    losses=jnp.ones(3), counts=counts, rng=key,
+                    column_offset=jnp.int32(25))
+  np.testing.assert_array_equal(block, full[25:33])
+  # Mixed signs in the block: a wrong offset would draw other coin flips.
+  shifted, _ = UPDATE(jnp.asarray(grads[:, 25:33]), AGG.init(3),
+                      losses=jnp.ones(3), counts=counts, rng=key,
+                      column_offset=24)
+  assert np.any(np.asarray(shifted) != full[25:33])
+
+
 def test_hash_uniforms_are_uniform_and_independent():
   """2^18 draws: bin counts pass a chi-square test, moments match U[0, 1),
   and neighbouring coordinates, other keys and other shapes are
