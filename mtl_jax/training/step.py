@@ -147,7 +147,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       layer where that costs less than forming its rows; other leaves keep
       their per-task gradients) and the direction from the same factors,
       never forming the `[K, P]` matrix; a columnwise aggregator (GradDrop)
-      gets each kernel's rows `A^T D_k` from the same factors, leaf by leaf.
+      gets each kernel's rows `A^T D_k` from the same factors, leaf by leaf
+      (with `chunk_size`, in blocks of input rows of the same memory).
       A `HardSharingModel` is differentiated in two stages (one VJP through
       the heads gives every task's feature gradient; the batched VJP runs
       through the trunk only) unless it sows auxiliary losses. "factored":
