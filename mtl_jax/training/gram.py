@@ -428,16 +428,27 @@ def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
   Returns a pytree shaped like `params["shared"]` with a leading task axis.
   """
   out: dict[tuple[str, ...], jax.Array] = {}
+  for kernel, bias, a, d in _scaled_sites(fj, task_scale):
+    out[kernel] = _kernel_rows(a, d)
+    if bias:
+      out[bias] = jnp.sum(d, axis=1)
+  return _fill_unfactored(fj, out, lambda leaf: _scale_rows(leaf, task_scale))
+
+
+def _scaled_sites(fj: FactoredJacobian, task_scale: jax.Array):
+  """`(kernel path, bias path or None, A, task_scale[k] D_k)` of each site."""
   for s in fj.sites:
     key = site_key(s.path)
-    a, d = fj.acts[key], fj.deltas[key]
-    d = d * task_scale.astype(d.dtype)[:, None, None]  # [K, N, out]
-    out[s.path[1:] + ("kernel",)] = _kernel_rows(a, d)
-    if s.use_bias:
-      out[s.path[1:] + ("bias",)] = jnp.sum(d, axis=1)
+    d = fj.deltas[key]
+    yield (s.path[1:] + ("kernel",),
+           s.path[1:] + ("bias",) if s.use_bias else None, fj.acts[key],
+           d * task_scale.astype(d.dtype)[:, None, None])  # [K, N, out]
 
-  return _fill_unfactored(fj, out, lambda leaf: leaf * task_scale.astype(
-      leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1)))
+
+def _scale_rows(rows: jax.Array, task_scale: jax.Array) -> jax.Array:
+  """`task_scale[k] * rows[k]` for rows `[K, ...]`."""
+  return rows * task_scale.astype(rows.dtype).reshape(
+      (-1,) + (1,) * (rows.ndim - 1))
 
 
 def columnwise_blocks(fj: FactoredJacobian, task_scale: jax.Array,
@@ -497,16 +508,12 @@ def columnwise_blocks(fj: FactoredJacobian, task_scale: jax.Array,
         rows.shape[1:])
 
   thunks: dict[tuple[str, ...], Callable[[int], jax.Array]] = {}
-  for s in fj.sites:
-    key = site_key(s.path)
-    a, d = fj.acts[key], fj.deltas[key]
-    d = d * task_scale.astype(d.dtype)[:, None, None]  # [K, N, out]
-    thunks[s.path[1:] + ("kernel",)] = kernel(a, d)
-    if s.use_bias:
-      thunks[s.path[1:] + ("bias",)] = whole(jnp.sum(d, axis=1))
-  tree = _fill_unfactored(fj, thunks, lambda leaf: whole(
-      leaf * task_scale.astype(leaf.dtype).reshape(
-          (-1,) + (1,) * (leaf.ndim - 1))))
+  for kernel_path, bias_path, a, d in _scaled_sites(fj, task_scale):
+    thunks[kernel_path] = kernel(a, d)
+    if bias_path:
+      thunks[bias_path] = whole(jnp.sum(d, axis=1))
+  tree = _fill_unfactored(fj, thunks,
+                          lambda leaf: whole(_scale_rows(leaf, task_scale)))
   leaves, treedef = jax.tree.flatten(tree, is_leaf=callable)
   return jax.tree.unflatten(treedef,
                             [run(i) for i, run in enumerate(leaves)])
