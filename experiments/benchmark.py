@@ -107,8 +107,9 @@ _REP_GRAD = flags.DEFINE_bool(
     "rep_grad", False, "Aggregate gradients w.r.t. the shared representation "
     "(aggregators that do not support it are skipped).", **_F)
 _CHUNK_SIZE = flags.DEFINE_integer(
-    "chunk_size", 0, "Map the per-task VJP over chunks of this many tasks "
-    "(0: all tasks in one vmap).", **_F)
+    "chunk_size", 0, "Map the per-task VJP over chunks of this many tasks, "
+    "and bound the factored Gram products and GradDrop's rows to the same "
+    "memory (0: all tasks in one vmap; < 0 is rejected).", **_F)
 _JACOBIAN = flags.DEFINE_list(
     "jacobian", ["auto"], "How Gram-based aggregators get per-task gradients "
     "(make_train_step's `jacobian`): auto (factored where cheaper, no [K, P] "

@@ -265,9 +265,10 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
 
   def columnwise_update(shared, agg_state, losses, counts, key):
     """A columnwise aggregator applied to each shared leaf `[K, ...]` alone
-    (no `[K, P]` matrix), with its own key per leaf. Leaves are read in
-    their own layout, so both Jacobian paths draw the same uniforms for the
-    same coordinate."""
+    (no `[K, P]` matrix), with its own key per leaf: the full path's (the
+    factored path forms the rows in blocks, `gram.columnwise_blocks`).
+    Leaves are read in their own layout, so both Jacobian paths draw the
+    same uniforms for the same coordinate."""
     leaves, treedef = jax.tree.flatten(shared)
     out = []
     for i, leaf in enumerate(leaves):
