@@ -27,9 +27,10 @@ of the task gradients, `d = w @ G`, with weights that depend on the gradients
 only through their Gram matrix `G G^T`. Such a method also provides
 `from_gram(gram, scale, state, *, losses, counts, rng) -> (w [K], state)`:
 
-* `gram` is the float32 `[K, K]` Gram matrix of `zero_absent(grads) / scale`
-  (rows and columns of absent tasks zero), `scale > 0` a float32 power of two
-  that keeps it in range (`scaled_gram`); methods that are not
+* `gram` is the `[K, K]` Gram matrix of `zero_absent(grads) / scale`
+  (rows and columns of absent tasks zero), `scale > 0` a power of two that
+  keeps it in range (`scaled_gram`), both in `float_dtype(grads)`: float64
+  for float64 gradients (with `jax_enable_x64`), float32 otherwise; methods that are not
   scale-invariant recover the plain Gram matrix as `gram * scale**2`;
 * the direction is `w @ zero_absent(grads)`, and `update` is exactly that
   (`gram_based` builds it from `from_gram`).
@@ -148,8 +149,15 @@ def scale_invariant(weights_fn: Callable[[jax.Array, jax.Array], jax.Array],
   return stateless_gram_based(fn, rep_grad_ok=rep_grad_ok)
 
 
+def float_dtype(x: jax.Array) -> jnp.dtype:
+  """The dtype the K x K maths runs in: float64 for float64 input, float32
+  for everything else (bfloat16 and float16 gradients included)."""
+  return (jnp.dtype(jnp.float64) if jnp.result_type(x) == jnp.float64
+          else jnp.dtype(jnp.float32))
+
+
 def combine(weights: jax.Array, grads: jax.Array) -> jax.Array:
-  """`weights @ grads` `[P]` at full float32 precision."""
+  """`weights @ grads` `[P]` at full precision."""
   return jnp.matmul(weights.astype(grads.dtype), grads,
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -167,7 +175,7 @@ def zero_absent(grads: jax.Array, present: jax.Array) -> jax.Array:
 
 
 def gram(grads: jax.Array) -> jax.Array:
-  """`G G^T` `[K, K]` at full float32 precision (no TF32/bf16 passes on GPU)."""
+  """`G G^T` `[K, K]` at full precision (no TF32/bf16 passes on GPU)."""
   return jnp.matmul(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -179,11 +187,13 @@ def power_of_two_scale(grads: jax.Array) -> jax.Array:
   float32) nor underflows to zero (|g| <~ 1e-19), which would give NaN or a
   zero direction for gradients that are merely large or small.
   """
-  amax = jnp.max(jnp.abs(grads)).astype(jnp.float32)
+  dtype = float_dtype(grads)
+  amax = jnp.max(jnp.abs(grads)).astype(dtype)
   _, exponent = jnp.frexp(amax)
   ok = jnp.isfinite(amax) & (amax > 0)
   # 2^(exponent - 1) <= max|grads| is finite even for max|grads| ~ 3e38.
-  return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), exponent - 1), 1.0)
+  return jnp.where(ok, jnp.ldexp(jnp.ones((), dtype), exponent - 1),
+                   jnp.ones((), dtype))
 
 
 def scaled_gram(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -198,20 +208,21 @@ def scaled_gram(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
   Divisions by a power of two are exact.
 
   Returns:
-    float32 `[K, K]` and the float32 scalar `s`.
+    `[K, K]` and the scalar `s`, in `float_dtype(grads)`.
   """
-  plain = gram(grads).astype(jnp.float32)
+  dtype = float_dtype(grads)
+  plain = gram(grads).astype(dtype)
   diag_max = jnp.max(jnp.diagonal(plain))
   safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
 
   def fast(_):
     _, exponent = jnp.frexp(jnp.sqrt(diag_max))
-    s = jnp.ldexp(jnp.float32(1.0), exponent - 1)
+    s = jnp.ldexp(jnp.ones((), dtype), exponent - 1)
     return plain / (s * s), s
 
   def rescaled(_):
     s = power_of_two_scale(grads)
-    return gram(grads / s.astype(grads.dtype)).astype(jnp.float32), s
+    return gram(grads / s.astype(grads.dtype)).astype(dtype), s
 
   return jax.lax.cond(safe, fast, rescaled, None)
 

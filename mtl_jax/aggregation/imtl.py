@@ -3,32 +3,35 @@
 "Towards Impartial Multi-task Learning",
 https://openreview.net/forum?id=IMPnRXEWpvr (reference implementation:
 LibMTL's `IMTL`, gradient half). IMTL-G finds the direction
-`d = sum_i alpha_i g_i` with `sum_i alpha_i = 1` whose projections
-onto all unit task gradients `u_i = g_i / ||g_i||` are equal. Closed form, with
-task 1 as reference, `D = [g_1 - g_i]_{i>1}` and `U = [u_1 - u_i]_{i>1}`:
+`d = sum_i alpha_i g_i` with `sum_i alpha_i = 1` whose projections onto all
+unit task gradients `u_i = g_i / ||g_i||` are equal.
 
-  alpha_{2..K} = g_1 U^T (D U^T)^{-1},   alpha_1 = 1 - sum_{i>1} alpha_i.
+The paper's closed form takes task 1 as reference (`D = [g_1 - g_i]_{i>1}`,
+`U = [u_1 - u_i]_{i>1}`, `alpha_{2..K} = g_1 U^T (D U^T)^{-1}`); `D U^T`
+mixes gradients of different norms, so with norms spread over a few orders
+of magnitude its small singular values are lost to rounding and the answer
+depends on which task is the reference. Here the same conditions are solved
+symmetrically in the cosine basis: with `C = U U^T` (the cosines), `s_i =
+alpha_i ||g_i||` and the common projection `p`,
 
-Every product above is a Gram entry: with `H[a, b] = g_a . u_b`,
-`(D U^T)[i, j] = H[1,1] - H[1,j] - H[i,1] + H[i,j]` and
-`(g_1 U^T)[j] = H[1,1] - H[1,j]`. So the method costs one O(K^2 P) Gram, a
-K x K solve and one O(K P) combination.
+  C s - p 1 = 0,     sum_i s_i / ||g_i|| = 1,
 
-Absent tasks, fixed shapes: the reference is the first PRESENT task, the
-differences run over the other present tasks, and the K x K system has
-identity rows and columns for the reference and the absent tasks (scaled like
-the present block, so that the pseudo-inverse's relative cutoff is the
-sub-problem's).
+a `(K+1) x (K+1)` system whose entries are cosines and ratios of norms
+(norms divided by the smallest, so the last row is in (0, 1]). It is as well
+conditioned as C, treats every task alike (a permutation of the tasks
+permutes its rows and columns) and is solved with a truncated-SVD
+pseudo-inverse (relative cutoff `10 (K + 1) eps`), so degenerate inputs
+(collinear or repeated gradients, K > P) give the minimum-norm solution
+instead of NaN. The certificate of a solution is the spread of the
+projections `max_i u_i . d - min_i u_i . d` relative to `|d|`, which is at
+rounding level whenever the system is consistent. Costs one O(K^2 P) Gram,
+a (K+1) x (K+1) SVD and one O(K P) combination.
 
-Deviations:
-* the system is solved with a truncated-SVD pseudo-inverse (relative cutoff
-  `10 * K * eps` of the largest singular value) instead of LibMTL's
-  `torch.inverse`, so degenerate inputs (collinear or repeated gradients) give
-  the minimum-norm solution instead of NaN or inf. A present task whose
-  gradient is exactly zero gets `u_i = 0` (the ConFIG repository does the
-  same); its projection cannot be equalised.
-* IMTL-L (the learnable loss scales of the full IMTL) is a loss weighting and
-  is not part of this aggregator.
+Absent tasks, and present tasks whose gradient is exactly zero (they have no
+unit vector, so no projection to equalise), get weight 0 through identity
+rows and columns; the weights of the others sum to 1. IMTL-L (the learnable
+loss scales of the full IMTL) is a loss weighting and is not part of this
+aggregator.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.aggregation import solvers
 from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -57,34 +61,25 @@ def imtl_g_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
     present: `bool [K]`, which tasks are present.
 
   Returns:
-    `alpha [K]`; the direction is `alpha @ G`. With no present task, zeros.
+    `alpha [K]`; the direction is `alpha @ G`. With no present task with a
+    nonzero gradient, zeros.
   """
-  num_tasks = gram_matrix.shape[0]
-  dtype = gram_matrix.dtype
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))  # [K]
-  inv_norms = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-  h = gram_matrix * inv_norms[None, :]  # [K, K]: H[a, b] = g_a . u_b
-  ref = jnp.argmax(present)  # the first present task
-  others = present & (jnp.arange(num_tasks) != ref)  # [K]
-  # b[j] = g_ref . (u_ref - u_j),  A[i, j] = (g_ref - g_i) . (u_ref - u_j).
-  b = h[ref, ref] - h[ref, :]  # [K]
-  a = h[ref, ref] - h[ref, :][None, :] - h[:, ref][:, None] + h  # [K, K]
-  block = others[:, None] & others[None, :]
-  a = jnp.where(block, a, 0.0)
-  # Pad with the identity at the block's own scale: the padded matrix's
-  # largest singular value is then the block's, so the cutoff is unchanged.
-  # But never below H's scale: A's entries carry rounding errors ~eps |H|, so
-  # a block that is all noise (parallel gradients, where A is exactly 0) must
-  # be cut, not inverted (that gave arbitrary, even ascent, directions).
-  scale = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(h)))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  a = a + jnp.where(block, 0.0, scale * jnp.eye(num_tasks, dtype=dtype))
-  b = jnp.where(others, b, 0.0)
-  rtol = 10.0 * num_tasks * jnp.finfo(dtype).eps
-  alpha = jnp.matmul(b, _pinv(a, rtol), precision=_HIGHEST)  # alpha A = b
-  alpha = jnp.where(others, alpha, 0.0)
-  alpha = alpha.at[ref].set(1.0 - alpha.sum())
-  return jnp.where(present, alpha, 0.0)
+  k = gram_matrix.shape[0]
+  basis = solvers.cosine_basis(gram_matrix, present)
+  cos, nonzero = basis.cos, basis.nonzero
+  dtype = cos.dtype
+  r = jnp.where(nonzero, 1.0 / basis.norms, 0.0)  # [K] in (0, 1]
+  nz = nonzero.astype(dtype)
+  a = jnp.block([[cos + jnp.diag(1.0 - nz), -nz[:, None]],
+                 [r[None, :], jnp.zeros((1, 1), dtype)]])  # [K+1, K+1]
+  rhs = jnp.zeros((k + 1,), dtype).at[k].set(1.0)
+  rtol = 10.0 * (k + 1) * float(jnp.finfo(dtype).eps)
+  x = jnp.matmul(_pinv(a, rtol), rhs, precision=_HIGHEST)  # [K+1]
+  alpha = jnp.where(nonzero, x[:k] * r, 0.0)
+  # The last equation makes the weights sum to 1 up to rounding; make it
+  # exact (a single task then gets exactly its gradient).
+  total = jnp.sum(alpha)
+  return jnp.where(total > 0, alpha / jnp.where(total > 0, total, 1.0), alpha)
 
 
 def imtl_g() -> Aggregator:

@@ -4,8 +4,9 @@ The update is the minimum-norm point of the convex hull of the task gradients,
 `d = sum_k alpha_k g_k` with `alpha = argmin_{alpha in simplex} |G^T alpha|^2`.
 It is a descent direction for every task (`d . g_k >= |d|^2`) and zero at a
 Pareto-stationary point. `alpha` is computed on the `[K, K]` Gram matrix by
-`solvers.min_norm_simplex` (accurate to float32 precision, where the paper's
-code runs a Frank-Wolfe solver for at most 250 iterations).
+`solvers.min_norm_simplex`, an active-set method in the cosine basis whose
+KKT conditions hold to rounding whatever the spread of the gradient norms
+(the paper's code runs a Frank-Wolfe solver for at most 250 iterations).
 
 Gradient normalisation (`gradient_normalizers` of the paper's code
 github.com/isl-org/MultiObjectiveOptimization, "optional and not included in
@@ -58,16 +59,17 @@ def gradient_normalizers(sq_norms: jax.Array, losses: jax.Array | None,
     normalization: one of `NORMALIZATIONS`.
 
   Returns:
-    `[K]` positive float32 divisors.
+    `[K]` positive divisors, in `sq_norms`' float dtype.
   """
-  ones = jnp.ones_like(sq_norms, jnp.float32)
-  norms = jnp.sqrt(jnp.maximum(sq_norms.astype(jnp.float32), 0.0))
+  dtype = solvers.float_dtype(sq_norms)
+  ones = jnp.ones_like(sq_norms, dtype)
+  norms = jnp.sqrt(jnp.maximum(sq_norms.astype(dtype), 0.0))
   norms = jnp.where(norms > 0, norms, 1.0)
   if normalization == "none":
     return ones
   if normalization == "l2":
     return norms
-  losses = jnp.asarray(losses, jnp.float32)
+  losses = jnp.asarray(losses, dtype)
   losses = jnp.where(losses > 0, losses, 1.0)
   if normalization == "loss":
     return losses

@@ -3,7 +3,8 @@
 The update is `d = sum_k alpha_k g_k` with the Nash bargaining weights
 `alpha > 0` solving `alpha_k (G G^T alpha)_k = 1` for every task k (each
 task's utility `log(g_k . d)` is balanced against its weight), computed by
-`solvers.nash_bargaining` to float32 precision. The official code
+`solvers.nash_bargaining` to rounding precision (in the cosine basis, so
+gradient norms spread over many orders of magnitude cost no accuracy). The official code
 (github.com/AvivNavon/nash-mtl, `methods/weight_methods.py`) instead runs at
 most 20 convex-concave iterations of cvxpy/ECOS from the previous weights and
 stops once `|G^T G alpha - 1/alpha| < 1e-3`; the fixed point is the same.
@@ -72,7 +73,7 @@ def _frobenius(m: jax.Array) -> jax.Array:
 
 def _direction_norm_bound(weights: jax.Array, gram_matrix: jax.Array,
                           scale: jax.Array) -> jax.Array:
-  """Upper bound on the norm of `weights @ G` in float32, from the Gram matrix.
+  """Upper bound on the norm of `weights @ G` after rounding, from the Gram matrix.
 
   `M = gram_matrix` is the Gram matrix of `G / scale`, so `|d|^2 = scale^2
   w^T M w`. When d is short next to `t = sum_k |w_k| |g_k| / scale`
@@ -92,7 +93,7 @@ def _direction_norm_bound(weights: jax.Array, gram_matrix: jax.Array,
     scale: the power of two `scale`.
 
   Returns:
-    A float32 scalar, at least `|d|` up to float32 rounding.
+    A scalar, at least `|d|` up to rounding.
   """
   wscale = base.power_of_two_scale(weights)
   wn = weights / wscale  # [K]
@@ -100,7 +101,7 @@ def _direction_norm_bound(weights: jax.Array, gram_matrix: jax.Array,
                     precision=_HIGHEST)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_matrix), 0.0))  # [K]
   t = jnp.dot(jnp.abs(wn), norms, precision=_HIGHEST)
-  tol = weights.shape[0] * jnp.finfo(jnp.float32).eps
+  tol = weights.shape[0] * jnp.finfo(gram_matrix.dtype).eps
   norm = jnp.sqrt(jnp.maximum(sq_norm, 0.0) + tol * t * t) + tol * t
   return wscale * norm * scale
 
@@ -154,7 +155,8 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
     alpha = solvers.nash_bargaining(m, active)
     if gram_normalization != "frobenius":
       alpha = alpha / scale
-    return jnp.where(active, alpha, old_alpha)
+    # The state keeps its float32 weights whatever the gradients' dtype.
+    return jnp.where(active, alpha.astype(old_alpha.dtype), old_alpha)
 
   def from_gram(gram_matrix, scale, state, *, losses=None, counts=None,
                 rng=None):
@@ -164,7 +166,7 @@ def nash_mtl(update_weights_every: int = 1, max_norm: float = 1.0,
     alpha = jax.lax.cond(
         recompute, lambda: solve(gram_matrix, scale, present, state.alpha),
         lambda: state.alpha)  # [K]
-    weights = jnp.where(present, alpha, 0.0)
+    weights = jnp.where(present, alpha, 0.0).astype(gram_matrix.dtype)
     if max_norm > 0:
       norm = _direction_norm_bound(weights, gram_matrix, scale)
       weights = weights * jnp.minimum(1.0, max_norm / (norm + 1e-6))

@@ -1,40 +1,86 @@
 """Small jit-able solvers on the `[K, K]` Gram matrix of the task gradients.
 
-Gradient aggregators (MGDA, UPGrad, DualProj, Nash-MTL, CAGrad) reduce to small
-optimisation problems over K task weights whose only data is the Gram matrix
-`M = G G^T` of the `[K, P]` gradient matrix. These solvers never touch `P`, run
-inside a jitted train step (fixed shapes, `lax.while_loop` with an iteration
-cap, no host callbacks) and take a `present: bool [K]` mask: an absent task's
-weight is fixed to 0 and its row and column of `M` are ignored, so the result
-equals the one on the sub-matrix of present tasks (up to float rounding).
+Gradient aggregators (MGDA, UPGrad, DualProj, CAGrad, Nash-MTL) reduce to
+small optimisation problems over K task weights whose only data is the Gram
+matrix `M = G G^T` of the `[K, P]` gradient matrix. These solvers never touch
+`P`, run inside a jitted train step (fixed shapes, `lax.while_loop` with an
+iteration cap, no host callbacks) and take a `present: bool [K]` mask: an
+absent task's weight is fixed to 0 and its row and column of `M` are ignored,
+so the result equals the one on the sub-matrix of present tasks (up to float
+rounding).
 
-Numerics. Every solver first divides `M` by its largest present diagonal
-entry, so that gradients scaled anywhere between 1e-8 and 1e8 give the same
-weights in float32, and then works in float32. The two constrained QPs
-(`min_norm_simplex`, `project_to_dual_cone`) are solved in two phases: a
-projected accelerated gradient method (FISTA with the gradient-based adaptive
-restart of O'Donoghue & Candes, 2015) with an exact projection identifies the
-active constraints, typically in 20-100 iterations; then primal active-set
-steps solve the KKT system on the identified face exactly (with one step of
-iterative refinement), which takes the weights to float32 precision instead
-of FISTA's slow tail. `nash_bargaining` uses Newton's method. On
-well-conditioned problems the weights agree with scipy's float64 solvers to
-~1e-7 (see tests/aggregation/solvers_test.py).
+The cosine basis. Task gradients routinely differ in norm by many orders of
+magnitude (a regression loss next to a classification loss, a task near
+convergence). A weight `a_k` then matters only relative to `1 / |g_k|`, and a
+solver that works on `M` with absolute tolerances on the weights loses the
+small weights of large gradients, which can flip the sign of `g_k . d`. Every
+solver here therefore factors `M = N C N` with `N = diag(|g_k|)` and the
+cosine matrix `C` (unit diagonal, entries in [-1, 1]) and solves for
+`s = N a`, the weights of the UNIT gradients: in these variables each problem
+is as well conditioned as `C`, whatever the spread of the norms, and the
+direction is `d = G^T a = U^T s` (`U` the unit gradients). Norms are divided
+by the smallest nonzero one so that nothing under- or overflows.
+
+Algorithms. The two constrained QPs (`min_norm_simplex`,
+`project_to_dual_cone`) and CAGrad's dual (`cagrad_dual`) are solved by one
+primal active-set Newton method (`_active_set`, Nocedal & Wright 2006,
+Algorithm 16.3, with a Newton step and an Armijo line search on the face for
+the non-quadratic CAGrad objective): starting from a feasible point, each
+iteration minimises over the current face (bounds fixed on the working set),
+stops at the first bound it hits (which joins the working set), and once the
+face is optimal frees the bound with the most negative multiplier, until every
+multiplier is non-negative. It terminates with the KKT conditions satisfied
+to rounding, and never leaves the feasible set. `nash_bargaining` uses damped
+Newton steps on a self-concordant barrier.
+
+Certificates. Each iterative solver can return a `SolverInfo` (iterations
+used, the final KKT residual relative to the problem's scale, and whether it
+is below tolerance) with `return_info=True`; under `jit`, callers that do not
+ask for it pay nothing (the extra outputs are dead code). The residual is
+defined per solver in its docstring.
+
+Dtypes. Every solver computes in the Gram matrix's floating dtype (float64
+when the caller passes float64 with `jax_enable_x64` on, float32 otherwise,
+float32 for lower precisions) and returns weights of that dtype.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 
-# FISTA stops once a projected-gradient step moves no weight by more than
-# this (weights live in [0, 1] after normalisation, float32 ulp(1) = 1.2e-7).
-_STEP_TOL = 5e-7
+from mtl_jax.aggregation.base import float_dtype
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+class SolverInfo(NamedTuple):
+  """What an iterative solver did, for callers that want to check it.
+
+  Attributes:
+    iterations: int32 scalar, iterations used (active-set or Newton steps).
+    residual: scalar, the solver's certificate: its KKT residual (or the
+      residual of the equation the method defines), relative to the
+      problem's scale; see each solver's docstring.
+    converged: bool scalar, `residual` is within the solver's tolerance (a
+      small multiple of the dtype's epsilon) and the iteration cap was not
+      reached.
+  """
+
+  iterations: jax.Array
+  residual: jax.Array
+  converged: jax.Array
+
+
+def _eps(dtype) -> float:
+  return float(jnp.finfo(dtype).eps)
+
+
 def _mv(m: jax.Array, x: jax.Array) -> jax.Array:
-  """`m @ x` at full float32 precision (no TF32 passes on GPU)."""
+  """`m @ x` at full precision (no TF32 passes on GPU)."""
   return jnp.matmul(m, x, precision=_HIGHEST)
 
 
@@ -48,9 +94,6 @@ def normalised_gram(m: jax.Array, present: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Masks, symmetrises and scales the Gram matrix.
 
-  Every solver works on this matrix, so that its answer does not depend on
-  the gradients' scale and float32 neither under- nor overflows.
-
   Args:
     m: `[K, K]` Gram matrix.
     present: `bool [K]`.
@@ -61,7 +104,7 @@ def normalised_gram(m: jax.Array, present: jax.Array
     `|mn_ij| <= 1`); `nonzero` is False when every present row is zero (then
     `mn` is all zeros and `scale` is meaningless).
   """
-  m = jnp.asarray(m, jnp.float32)
+  m = jnp.asarray(m, float_dtype(m))
   both = present[:, None] & present[None, :]
   m = jnp.where(both, 0.5 * (m + m.T), 0.0)  # [K, K]
   scale = jnp.max(jnp.where(present, jnp.diagonal(m), 0.0))
@@ -70,11 +113,61 @@ def normalised_gram(m: jax.Array, present: jax.Array
   return mn, scale, nonzero
 
 
-def _lipschitz(mn: jax.Array) -> jax.Array:
-  """Largest eigenvalue of the PSD `mn` (the Lipschitz constant of its
-  quadratic form's gradient); 1 for the zero matrix so steps stay finite."""
-  top = jnp.linalg.eigvalsh(mn)[-1]
-  return jnp.where(top > 1e-12, top, 1.0)
+class CosineBasis(NamedTuple):
+  """`M = N C N` on the present tasks with nonzero gradients.
+
+  Attributes:
+    cos: `[K, K]` cosine matrix `C`: unit diagonal and entries in [-1, 1] on
+      `nonzero` tasks, zero rows and columns elsewhere.
+    norms: `[K]` gradient norms divided by the smallest nonzero one (so
+      >= 1), 1 where not `nonzero`.
+    unit: the smallest nonzero norm, in the units of `M` (1 if none).
+    nonzero: `bool [K]`, present tasks whose gradient is not zero.
+  """
+
+  cos: jax.Array
+  norms: jax.Array
+  unit: jax.Array
+  nonzero: jax.Array
+
+
+def cosine_basis(m: jax.Array, present: jax.Array) -> CosineBasis:
+  """Factors the (masked, symmetrised) Gram matrix as `N C N`.
+
+  Entries are formed as `(m_ij / n_i) / n_j`, which neither over- nor
+  underflows where `m` itself is representable (`|m_ij| <= n_i n_j`).
+
+  Args:
+    m: `[K, K]` symmetric PSD Gram matrix, any scale, float32 or float64.
+    present: `bool [K]`.
+
+  Returns:
+    The `CosineBasis`.
+  """
+  dtype = float_dtype(m)
+  m = jnp.asarray(m, dtype)
+  both = present[:, None] & present[None, :]
+  m = jnp.where(both, 0.5 * (m + m.T), 0.0)  # [K, K]
+  diag = jnp.diagonal(m)
+  nonzero = present & (diag > 0) & jnp.isfinite(diag)
+  n = jnp.sqrt(jnp.where(nonzero, diag, 1.0))  # [K]
+  inv = jnp.where(nonzero, 1.0 / n, 0.0)
+  cos = (m * inv[:, None]) * inv[None, :]
+  cos = jnp.where(nonzero[:, None] & nonzero[None, :],
+                  jnp.clip(cos, -1.0, 1.0), 0.0)
+  cos = jnp.where(jnp.eye(m.shape[0], dtype=bool), nonzero.astype(dtype), cos)
+  unit = jnp.min(jnp.where(nonzero, n, jnp.inf))
+  unit = jnp.where(jnp.isfinite(unit), unit, 1.0)
+  norms = jnp.where(nonzero, n / unit, 1.0)
+  return CosineBasis(cos, norms, unit, nonzero)
+
+
+def combination_norm(basis: CosineBasis, w: jax.Array) -> jax.Array:
+  """`|G^T w| / basis.unit`: the norm of a weighted sum of the gradients,
+  from the cosine basis (no cancellation between terms of different
+  magnitudes in `w^T M w`)."""
+  s = jnp.where(basis.nonzero, basis.norms * w, 0.0)
+  return jnp.sqrt(jnp.maximum(jnp.vdot(s, _mv(basis.cos, s)), 0.0))
 
 
 def project_simplex(y: jax.Array, present: jax.Array | None = None
@@ -96,7 +189,7 @@ def project_simplex(y: jax.Array, present: jax.Array | None = None
     `[K]`: non-negative, zero on absent coordinates, summing to 1 over the
     present ones (all zeros if no coordinate is present).
   """
-  y = jnp.asarray(y, jnp.float32)
+  y = jnp.asarray(y, float_dtype(y))
   present = _present_or_all(present, y.shape[-1])
   # above[i, j]: j is present and y_j >= y_i, i.e. j is in the prefix of the
   # sorted order that ends at i (ties included, which only drops candidate
@@ -109,144 +202,266 @@ def project_simplex(y: jax.Array, present: jax.Array | None = None
   return jnp.where(present, jnp.maximum(y - theta, 0.0), 0.0)
 
 
-def _fista(x0: jax.Array, grad_fn, prox_fn, step: jax.Array, max_iters: int
-           ) -> jax.Array:
-  """Projected accelerated gradient (FISTA) with adaptive restart.
+# --------------------------------------------------------------------------
+# The active-set Newton method.
+# --------------------------------------------------------------------------
 
-  Restarting the momentum whenever it points uphill (O'Donoghue & Candes,
-  2015) gives linear convergence on the strongly convex faces that well-posed
-  problems reduce to, without knowing the strong-convexity constant.
+# Line-search candidates: the longest feasible step times 1, 1/2, 1/4, ...
+_NUM_HALVINGS = 40
+
+
+class _Problem(NamedTuple):
+  """`min f(s)` s.t. `s_i >= lower_i` on `movable` coordinates, `s_i =
+  lower_i` elsewhere, and (if `r` is not None) `r . s` fixed.
+
+  `fgh(s) -> (f, grad [K], hess [K, K], scale)` gives the objective, its
+  derivatives and the magnitude of the terms that make up the gradient (the
+  unit of its rounding errors). `quadratic` says that one Newton step
+  reaches the minimiser of a face.
+  """
+
+  fgh: Callable[[jax.Array], tuple[jax.Array, ...]]
+  lower: jax.Array
+  movable: jax.Array
+  r: jax.Array | None
+  quadratic: bool
+
+
+def _newton_on_face(hess, grad, free, r, dtype):
+  """Newton step on the face `{s_i fixed for i not free, r . s fixed}`.
+
+  Solves `[H_FF, r_F; r_F^T, 0] [step; nu] = [-g_F; 0]` (the `r` row only if
+  `r` is given). A singular `H_FF` (dependent gradients: the face minimiser
+  is not unique) is handled by a proximal term `delta I` whose bias is
+  removed by three rounds of iterated refinement on the unregularised system,
+  all with one LU factorisation.
 
   Returns:
-    The last projected-gradient iterate.
+    `(step [K], nu [])`; `nu` is the multiplier of `r` (0 without `r`).
   """
+  k = grad.shape[0]
+  ff = free[:, None] & free[None, :]
+  h = jnp.where(ff, hess, 0.0)
+  delta = 128 * _eps(dtype) * jnp.maximum(jnp.max(jnp.abs(h)),
+                                          jnp.finfo(dtype).tiny)
+  eye = jnp.eye(k, dtype=dtype)
+  fixed_rows = jnp.diag(jnp.where(free, 0.0, 1.0).astype(dtype))
+  if r is None:
+    a = h + fixed_rows
+    a_reg = a + delta * eye * free
+    b = jnp.where(free, -grad, 0.0)
+  else:
+    # The row only says r_F . step = 0: scale it to unit size for pivoting.
+    rf = jnp.where(free, r, 0.0)
+    rf = rf / jnp.maximum(jnp.max(jnp.abs(rf)), jnp.finfo(dtype).tiny)
+    zero = jnp.zeros((1, 1), dtype)
+    a = jnp.block([[h + fixed_rows, rf[:, None]], [rf[None, :], zero]])
+    reg = jnp.concatenate([delta * free.astype(dtype), jnp.zeros((1,), dtype)])
+    a_reg = a + jnp.diag(reg)
+    b = jnp.concatenate([jnp.where(free, -grad, 0.0), jnp.zeros((1,), dtype)])
+  lu = jsl.lu_factor(a_reg)
+  x = jsl.lu_solve(lu, b)
+  for _ in range(3):
+    x = x + jsl.lu_solve(lu, b - _mv(a, x))
+  step = jnp.where(free, x[:k], 0.0)
+  nu = jnp.zeros((), dtype) if r is None else x[k]
+  return step, nu
+
+
+def _multipliers(grad, nu, problem):
+  """Multipliers of the bounds: `grad + nu r` (the stationarity residual on
+  free coordinates, the bound multipliers on fixed ones)."""
+  return grad if problem.r is None else grad + nu * problem.r
+
+
+def _kkt_residual(s, free, grad, nu, scale, problem):
+  """Largest violation of stationarity (free coordinates) and of the sign of
+  the multipliers (fixed ones), relative to the gradient's magnitude."""
+  mult = _multipliers(grad, nu, problem)
+  stationarity = jnp.where(free, jnp.abs(mult), 0.0)
+  sign = jnp.where(problem.movable & ~free, jnp.maximum(-mult, 0.0), 0.0)
+  below = jnp.where(problem.movable, jnp.maximum(problem.lower - s, 0.0), 0.0)
+  worst = jnp.max(jnp.maximum(jnp.maximum(stationarity, sign), below))
+  return worst / jnp.maximum(scale, jnp.finfo(s.dtype).tiny)
+
+
+def _least_squares_nu(grad, free, problem):
+  """`nu` minimising `|g_F + nu r_F|` (the multiplier at a face optimum)."""
+  if problem.r is None:
+    return jnp.zeros((), grad.dtype)
+  rf = jnp.where(free, problem.r, 0.0)
+  return -jnp.vdot(rf, jnp.where(free, grad, 0.0)) / jnp.maximum(
+      jnp.vdot(rf, rf), jnp.finfo(grad.dtype).tiny)
+
+
+def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
+                max_iters: int) -> tuple[jax.Array, SolverInfo]:
+  """Primal active-set Newton method from the feasible point `s0`.
+
+  Each iteration either
+  * (face not yet optimal) takes a Newton step on the current face, as long as
+    possible up to 1 without crossing a bound (with backtracking on `f` for
+    non-quadratic objectives); a coordinate whose bound stops the step leaves
+    the free set; or
+  * (face optimal: the previous step was a full Newton step of a quadratic,
+    or the Newton decrement is at rounding level) checks the multipliers of
+    the fixed coordinates: the most negative one below `-tol` is freed;
+    if there is none, the point satisfies the KKT conditions and the loop
+    ends.
+  The objective never increases, so no working set repeats with a higher
+  value; `max_iters` caps degenerate cycling.
+
+  Returns:
+    `(s, info)`: a feasible point and its certificate (`_kkt_residual`).
+  """
+  dtype = s0.dtype
+  k = s0.shape[0]
+  eps = _eps(dtype)
+  tol = 32 * k * eps
+  halvings = 0.5 ** jnp.arange(_NUM_HALVINGS, dtype=dtype)  # [J]
 
   def cond(carry):
     i, _, _, _, done = carry
     return (i < max_iters) & ~done
 
   def body(carry):
-    i, x, y, t, _ = carry
-    x_new = prox_fn(y - step * grad_fn(y))
-    done = jnp.max(jnp.abs(x_new - y)) <= _STEP_TOL
-    restart = jnp.vdot(y - x_new, x_new - x) > 0
-    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-    y_new = jnp.where(restart, x_new, x_new + ((t - 1.0) / t_new) * (x_new - x))
-    t_new = jnp.where(restart, 1.0, t_new)
-    return i + 1, x_new, y_new, t_new, done
+    i, s, free, face_opt, _ = carry
+    f, grad, hess, scale = problem.fgh(s)
+    step, _ = _newton_on_face(hess, grad, free, problem.r, dtype)
+    # Face optimal: after a full step on a quadratic, after a stalled line
+    # search, or once the Newton decrement is far below f's rounding level
+    # (Newton converges quadratically: one more step would be at rounding).
+    decrement = -jnp.vdot(grad, step)
+    size = jnp.abs(f) + scale * jnp.sum(jnp.abs(s))
+    at_opt = face_opt | (decrement <= (8 * eps) ** 2 * size)
+    # At the face optimum: free the most violated bound, or stop.
+    nu = _least_squares_nu(grad, free, problem)
+    mult = _multipliers(grad, nu, problem)
+    candidates = problem.movable & ~free
+    worst = jnp.argmin(jnp.where(candidates, mult, jnp.inf))
+    violated = jnp.any(candidates & (mult < -tol * scale))
+    # Otherwise: a step towards the face minimiser, up to the first bound.
+    leaving = free & (step < 0)
+    room = jnp.where(leaving, (s - problem.lower) / jnp.where(leaving, -step,
+                                                              1.0), jnp.inf)
+    t_max = jnp.clip(jnp.min(room), 0.0, 1.0)
+    if problem.quadratic:
+      t = t_max
+    else:
+      # Armijo's test, or (where rounding hides f's decrease on a flat
+      # face) a slope along the step still <= 0 at t up to its rounding:
+      # f is convex, so it decreased all the way to t.
+      ts = t_max * halvings  # [J]
 
-  init = (jnp.zeros((), jnp.int32), x0, x0, jnp.ones((), jnp.float32),
+      def value_and_slope(t):
+        f_t, grad_t, _, _ = problem.fgh(s + t * step)
+        return f_t, jnp.vdot(grad_t, step)
+
+      f_new, slopes = jax.vmap(value_and_slope)(ts)
+      slope_tol = tol * scale * jnp.sum(jnp.abs(step))
+      ok = (f_new <= f - 1e-4 * ts * decrement) | (slopes <= slope_tol)
+      t = jnp.max(jnp.where(ok, ts, 0.0))
+    hit = leaving & (room <= t)
+    s_new = jnp.where(hit, problem.lower, s + t * step)
+    s_new = jnp.where(problem.movable, jnp.maximum(s_new, problem.lower),
+                      problem.lower)
+    finite = jnp.all(jnp.isfinite(s_new))
+    stalled = ~jnp.any(hit) & ((t <= 0) | ~finite)
+    s_next = jnp.where(at_opt | ~finite, s, s_new)
+    free_next = jnp.where(at_opt, free.at[worst].set(free[worst] | violated),
+                          free & ~hit)
+    face_next = ~at_opt & (stalled | (problem.quadratic & (t >= 1.0)
+                                      & ~jnp.any(hit)))
+    done = at_opt & ~violated
+    return i + 1, s_next, free_next, face_next, done
+
+  init = (jnp.zeros((), jnp.int32), s0, free0, jnp.zeros((), bool),
           jnp.zeros((), bool))
-  return jax.lax.while_loop(cond, body, init)[1]
+  iters, s, free, _, done = jax.lax.while_loop(cond, body, init)
+  _, grad, _, scale = problem.fgh(s)
+  free = free & problem.movable & (s > problem.lower)
+  nu = _least_squares_nu(grad, free, problem)
+  residual = _kkt_residual(s, free, grad, nu, scale, problem)
+  info = SolverInfo(iters, residual, done & (residual <= 4 * tol))
+  return s, info
 
 
-def _refined_solve(a: jax.Array, b: jax.Array, z0: jax.Array) -> jax.Array:
-  """Solves `a z = b` starting from the guess `z0`, in residual form plus one
-  step of iterative refinement, so that a good guess loses no accuracy to the
-  float32 LU solve (the correction, not the solution, carries its error)."""
-  z = z0 + jnp.linalg.solve(a, b - _mv(a, z0))
-  return z + jnp.linalg.solve(a, b - _mv(a, z))
-
-
-def _active_set_finish(x, free, lower, face_solve, max_steps):
-  """Primal active-set steps on the face `{x_i = lower_i for i not free}`.
-
-  Each step solves the equality-constrained problem on the current face
-  exactly (`face_solve(free, x) -> a`); if `a` respects the bounds it is the
-  answer, otherwise x moves towards `a` until the first free coordinate hits
-  its bound, which then leaves the free set (the objective decreases on every
-  step; at most `max_steps` steps).
-
-  Returns:
-    `(x, ok)`: the new point and whether the last face solve was finite.
-  """
-
-  def cond(carry):
-    i, _, _, done, _ = carry
-    return (i < max_steps) & ~done
-
-  def body(carry):
-    i, x, free, _, _ = carry
-    a = face_solve(free, x)
-    finite = jnp.all(jnp.isfinite(a))
-    a = jnp.where(free, a, lower)
-    shrinking = free & (a < lower)
-    # Largest fraction of the step that keeps every coordinate >= lower.
-    gap = jnp.where(shrinking, x - a, 1.0)
-    ratio = jnp.where(shrinking, (x - lower) / jnp.maximum(gap, 1e-30), 1.0)
-    theta = jnp.clip(jnp.min(ratio), 0.0, 1.0)
-    hit = shrinking & (ratio <= theta)
-    x_new = jnp.where(hit, lower, jnp.maximum(x + theta * (a - x), lower))
-    x_new = jnp.where(free, x_new, lower)
-    x_new = jnp.where(finite, x_new, x)
-    free_new = free & ~hit
-    done = ~finite | ~jnp.any(shrinking)
-    return i + 1, x_new, free_new, done, finite
-
-  init = (jnp.zeros((), jnp.int32), x, free, jnp.zeros((), bool),
-          jnp.ones((), bool))
-  _, x, _, _, ok = jax.lax.while_loop(cond, body, init)
-  return x, ok
+# --------------------------------------------------------------------------
+# Min-norm point on the simplex (MGDA).
+# --------------------------------------------------------------------------
 
 
 def min_norm_simplex(m: jax.Array, present: jax.Array | None = None, *,
-                     iters: int = 1000) -> jax.Array:
+                     max_iters: int | None = None, return_info: bool = False):
   """MGDA's min-norm point: `argmin_{alpha in simplex} alpha^T M alpha`.
 
   The simplex is over the present tasks (absent weights are 0). With
   `M = G G^T`, `G^T alpha` is the point of minimum norm in the convex hull of
-  the present task gradients (Sener & Koltun, 2018). Solved by FISTA with an
-  exact simplex projection (at most `iters` iterations, stopping once a step
-  moves no weight by more than 5e-7), then by primal active-set steps that
-  solve the KKT system `M_SS alpha_S = lambda 1, sum alpha_S = 1` on the
-  support S exactly. The active-set result is kept only if it is finite and
-  no worse than FISTA's (a singular `M_SS` leaves FISTA's answer).
+  the present task gradients (Sener & Koltun, 2018). Solved in the cosine
+  basis (module docstring): `min s^T C s` s.t. `s >= 0`, `sum_k s_k / n_k =
+  1`, by the active-set method from the vertex of the shortest gradient.
+
+  Certificate (`SolverInfo.residual`): the KKT conditions `(C s)_k >= lambda
+  / n_k` for every task, with equality on the support (`lambda = s^T C s`),
+  i.e. `g_k . d >= |d|^2`, violated by at most the residual times the
+  magnitude of `C s`'s terms. So `g_k . d >= 0` up to rounding: an MGDA step
+  increases no task's loss.
 
   Args:
-    m: `[K, K]` symmetric PSD Gram matrix, any scale.
+    m: `[K, K]` symmetric PSD Gram matrix, any scale, float32 or float64.
     present: `bool [K]` (default: all tasks present).
-    iters: maximum number of FISTA iterations.
+    max_iters: cap on active-set iterations (default `4 K + 10`; a solution
+      with support S takes about `2 |S|`).
+    return_info: also return the `SolverInfo`.
 
   Returns:
-    `alpha [K]`: float32, `alpha >= 0`, summing to 1 over present tasks, 0 on
-    absent ones. When every present row of `M` is zero (all gradients zero)
-    every point is optimal and the uniform weights are returned; with no task
-    present, all zeros.
+    `alpha [K]` (and the info): `alpha >= 0`, summing to 1 over present
+    tasks, 0 on absent ones. If a present gradient is zero (0 is then in the
+    hull) the zero-gradient tasks share the weight equally and the direction
+    is 0; with no task present, all zeros.
   """
   k = m.shape[-1]
   present = _present_or_all(present, k)
-  mn, _, _ = normalised_gram(m, present)
-  num_present = jnp.sum(present)
-  x0 = present / jnp.maximum(num_present, 1)
-  x0 = x0.astype(jnp.float32)
-  step = 1.0 / _lipschitz(mn)
-  prox = lambda y: project_simplex(y, present)
-  x = _fista(x0, lambda y: _mv(mn, y), prox, step, iters)
+  basis = cosine_basis(m, present)
+  c, n, nonzero = basis.cos, basis.norms, basis.nonzero
+  dtype = c.dtype
+  r = jnp.where(nonzero, 1.0 / n, 0.0)  # [K], in (0, 1]
 
-  def face_solve(free, x):
-    # KKT on the face: [M_SS, -1; 1^T, 0] [alpha_S; lambda] = [0; 1]; the rows
-    # of fixed coordinates are the identity so that they stay at 0.
-    s = free.astype(jnp.float32)
-    a = jnp.where(free[:, None] & free[None, :], mn, 0.0) + jnp.diag(1.0 - s)
-    kkt = jnp.block([[a, -s[:, None]], [s[None, :], jnp.zeros((1, 1))]])
-    rhs = jnp.concatenate([jnp.zeros((k,)), jnp.ones((1,))])
-    z0 = jnp.concatenate([x, jnp.vdot(x, _mv(mn, x))[None]])
-    return _refined_solve(kkt, rhs, z0)[:k]
+  def fgh(s):
+    cs = _mv(c, s)
+    return 0.5 * jnp.vdot(s, cs), cs, c, jnp.sum(jnp.abs(s))
 
-  zeros = jnp.zeros((k,), jnp.float32)
-  finished, ok = _active_set_finish(x, present & (x > 0), zeros, face_solve,
-                                    k)
-  finished = finished / jnp.maximum(jnp.sum(finished), 1e-30)
-  f_fista = jnp.vdot(x, _mv(mn, x))
-  f_finished = jnp.vdot(finished, _mv(mn, finished))
-  better = ok & jnp.all(jnp.isfinite(finished)) & (
-      f_finished <= f_fista * (1.0 + 1e-5) + 1e-12)
-  return jnp.where(better & (num_present > 0), finished, x)
+  problem = _Problem(fgh, jnp.zeros((k,), dtype), nonzero, r, quadratic=True)
+  # The vertex of the shortest gradient (norm 1 in these units).
+  first = jnp.argmin(jnp.where(nonzero, n, jnp.inf))
+  s0 = jnp.where(jnp.arange(k) == first, n, 0.0).astype(dtype)
+  s0 = jnp.where(nonzero, s0, 0.0)
+  iters = 4 * k + 10 if max_iters is None else max_iters
+  s, info = _active_set(problem, s0, jnp.arange(k) == first, iters)
+  alpha = s * r
+  alpha = alpha / jnp.maximum(jnp.sum(alpha), jnp.finfo(dtype).tiny)
+  zero_grad = present & ~nonzero
+  has_zero = jnp.any(zero_grad)
+  alpha = jnp.where(has_zero, zero_grad / jnp.maximum(jnp.sum(zero_grad), 1),
+                    alpha).astype(dtype)
+  alpha = jnp.where(present, alpha, 0.0)
+  if return_info:
+    info = info._replace(
+        residual=jnp.where(has_zero, 0.0, info.residual).astype(dtype),
+        converged=info.converged | has_zero)
+    return alpha, info
+  return alpha
+
+
+# --------------------------------------------------------------------------
+# Projection onto the dual cone (UPGrad, DualProj).
+# --------------------------------------------------------------------------
 
 
 def project_to_dual_cone(v: jax.Array, m: jax.Array,
                          present: jax.Array | None = None, *,
-                         iters: int = 1000) -> jax.Array:
+                         max_iters: int | None = None,
+                         return_info: bool = False):
   """Weights of the projection of `G^T v` onto the dual cone of the rows of G.
 
   The dual cone is `{x : G x >= 0}` (present rows only). By Proposition 1 of
@@ -256,86 +471,184 @@ def project_to_dual_cone(v: jax.Array, m: jax.Array,
     w = argmin_{w >= v} w^T M w,   M = G G^T,
 
   a box-constrained QP in K variables (TorchJD solves it with quadprog on the
-  trace-normalised `M + 1e-4 I`; here it is solved exactly, without the ridge:
-  the projection `G^T w` is unique even where `w` is not). Solved by FISTA
-  from `w = v` (at most `iters` iterations) with the projection `max(., v)`,
-  then by primal active-set steps that solve `M_FF w_F = -M_FB v_B` on the
-  free set F exactly, kept only if finite and no worse than FISTA's answer.
+  trace-normalised `M + 1e-4 I`; here it is solved exactly, without the
+  ridge: the projection `G^T w` is unique even where `w` is not). Solved in
+  the cosine basis (`w = s / n`, bounds `s >= n v`) by the active-set method
+  from `w = v`.
 
-  The problem is positively homogeneous in `v` and invariant to the scale of
-  `M`; both are normalised internally.
+  Certificate (`SolverInfo.residual`): `(C s)_k >= 0` for every present task
+  (the projection is in the dual cone: `g_k . d >= 0`), with equality where
+  `w_k > v_k`, relative to the magnitude of `C s`'s terms.
 
   Args:
     v: `[K]` weights of the vector to project.
     m: `[K, K]` symmetric PSD Gram matrix, any scale.
     present: `bool [K]` (default: all). Absent coordinates of `v` are ignored
       and their weight is 0.
-    iters: maximum number of FISTA iterations.
+    max_iters: cap on active-set iterations (default `4 K + 10`).
+    return_info: also return the `SolverInfo`.
 
   Returns:
-    `w [K]` float32 with `w >= v` on present tasks and 0 on absent ones. If
-    every present row of `M` is zero, `w = v` (the projection is 0 anyway).
+    `w [K]` (and the info) with `w >= v` on present tasks and 0 on absent
+    ones. A present task with a zero gradient keeps `w_k = v_k` (its weight
+    does not change the projection).
   """
   k = m.shape[-1]
   present = _present_or_all(present, k)
-  mn, _, _ = normalised_gram(m, present)
-  v = jnp.where(present, jnp.asarray(v, jnp.float32), 0.0)
-  v_scale = jnp.max(jnp.abs(v))
-  vn = v / jnp.where(v_scale > 0, v_scale, 1.0)
-  step = 1.0 / _lipschitz(mn)
-  prox = lambda y: jnp.where(present, jnp.maximum(y, vn), 0.0)
-  x = _fista(vn, lambda y: _mv(mn, y), prox, step, iters)
+  basis = cosine_basis(m, present)
+  c, n, nonzero = basis.cos, basis.norms, basis.nonzero
+  dtype = c.dtype
+  v = jnp.where(present, jnp.asarray(v, dtype), 0.0)
+  # The problem is positively homogeneous in v: solve for v / max|v n|.
+  t = v * n
+  t_scale = jnp.max(jnp.abs(t))
+  t_scale = jnp.where(t_scale > 0, t_scale, 1.0)
+  t = t / t_scale
 
-  def face_solve(free, x):
-    # M_FF w_F = -M_FB v_B, and w_B = v_B on the fixed coordinates.
-    s = free.astype(jnp.float32)
-    a = jnp.where(free[:, None] & free[None, :], mn, 0.0) + jnp.diag(1.0 - s)
-    rhs = jnp.where(free, -_mv(mn, jnp.where(free, 0.0, vn)), vn)
-    return _refined_solve(a, rhs, x)
+  def fgh(s):
+    cs = _mv(c, s)
+    return 0.5 * jnp.vdot(s, cs), cs, c, jnp.sum(jnp.abs(s))
 
-  finished, ok = _active_set_finish(x, present & (x > vn), vn, face_solve, k)
-  f_fista = jnp.vdot(x, _mv(mn, x))
-  f_finished = jnp.vdot(finished, _mv(mn, finished))
-  # Both objectives are ~|vn|^2 M-weighted, so the absolute slack is tied to
-  # the size of the problem's data, not to the (possibly ~0) optimum.
-  slack = 1e-6 * jnp.vdot(vn, _mv(mn, vn)) + 1e-12
-  better = ok & jnp.all(jnp.isfinite(finished)) & (
-      f_finished <= f_fista * (1.0 + 1e-5) + slack)
-  w = jnp.where(better, finished, x)
-  return jnp.where(present, w * v_scale, 0.0)
+  problem = _Problem(fgh, t, nonzero, None, quadratic=True)
+  iters = 4 * k + 10 if max_iters is None else max_iters
+  s, info = _active_set(problem, t, jnp.zeros((k,), bool), iters)
+  w = jnp.where(nonzero, s * t_scale / n, v)
+  w = jnp.where(present, w, 0.0).astype(dtype)
+  if return_info:
+    return w, info
+  return w
+
+
+# --------------------------------------------------------------------------
+# CAGrad's dual.
+# --------------------------------------------------------------------------
+
+
+def cagrad_dual(m: jax.Array, present: jax.Array | None = None, *,
+                c: float = 0.4, max_iters: int | None = None,
+                return_info: bool = False):
+  """Solves CAGrad's dual `min_{w in simplex} w^T M b + r sqrt(w^T M w)`.
+
+  Here `b` is the uniform weight vector over present tasks (so `M b` holds
+  the `g_k . g0`) and `r = c |g0|` (Liu et al., 2021). The objective is
+  convex (linear plus a norm) and smooth away from `g_w = 0`. In the cosine
+  basis (`s = N w`, module docstring) it reads `s . h + r |U^T s|` with
+  `h = C N b`, subject to `s >= 0` and `sum_k s_k / n_k = 1`, and is solved by
+  the active-set method with Newton steps (Hessian
+  `r / q (C - C s s^T C / q^2)`, `q = |U^T s|`) and Armijo backtracking,
+  from the best vertex.
+
+  Certificate (`SolverInfo.residual`): the KKT conditions of the problem in
+  `s` (stationarity on the support, non-negative multipliers elsewhere),
+  relative to the magnitude of the gradient's terms `|h| + r`.
+
+  Args:
+    m: `[K, K]` symmetric PSD Gram matrix, any scale.
+    present: `bool [K]` (default: all). Absent tasks get weight 0 and are left
+      out of `g0`.
+    c: CAGrad's `c >= 0`.
+    max_iters: cap on iterations (default `6 K + 20`).
+    return_info: also return the `SolverInfo`.
+
+  Returns:
+    `w [K]` (and the info) on the simplex of present tasks. If the minimum is
+    at `g_w = 0` (0 in the convex hull and no better point) the weights are
+    not unique; then the present tasks with a zero gradient share the weight
+    if there are any, and otherwise the solver's point is returned (its
+    `|g_w|` is 0 to rounding).
+  """
+  k = m.shape[-1]
+  present = _present_or_all(present, k)
+  basis = cosine_basis(m, present)
+  cm, n, nonzero = basis.cos, basis.norms, basis.nonzero
+  dtype = cm.dtype
+  num_present = jnp.maximum(jnp.sum(present), 1)
+  b = present.astype(dtype) / num_present  # [K]
+  nb = jnp.where(nonzero, n * b, 0.0)  # g0 = U^T (N b), in units
+  h = _mv(cm, nb)  # [K]: u_k . g0
+  radius = c * jnp.sqrt(jnp.maximum(jnp.vdot(nb, h), 0.0))
+  # Divide the objective by the size of its terms (the minimiser is the same).
+  size = jnp.maximum(jnp.max(jnp.abs(h)) + radius, jnp.finfo(dtype).tiny)
+  h = h / size
+  radius = radius / size
+  r = jnp.where(nonzero, 1.0 / n, 0.0)
+  tiny = jnp.finfo(dtype).tiny
+
+  def fgh(s):
+    cs = _mv(cm, s)
+    q = jnp.sqrt(jnp.maximum(jnp.vdot(s, cs), 0.0))
+    qs = jnp.maximum(q, tiny)
+    f = jnp.vdot(s, h) + radius * q
+    grad = h + radius * cs / qs
+    hess = (radius / qs) * (cm - jnp.outer(cs, cs) / (qs * qs))
+    return f, grad, hess, jnp.max(jnp.abs(h)) + radius
+
+  problem = _Problem(fgh, jnp.zeros((k,), dtype), nonzero, r,
+                     quadratic=False)
+  # The best vertex: s = n_k e_k has value n_k (h_k + radius).
+  vertex_values = jnp.where(nonzero, n * (h + radius), jnp.inf)
+  first = jnp.argmin(vertex_values)
+  s0 = jnp.where((jnp.arange(k) == first) & nonzero, n, 0.0).astype(dtype)
+  iters = 6 * k + 20 if max_iters is None else max_iters
+  s, info = _active_set(problem, s0, jnp.arange(k) == first, iters)
+  w = s * r
+  w = w / jnp.maximum(jnp.sum(w), tiny)
+  # A zero gradient gives the value 0; it wins when no point is below 0.
+  zero_grad = present & ~nonzero
+  f_opt = problem.fgh(s)[0]
+  use_zero = jnp.any(zero_grad) & ((f_opt >= 0) | ~jnp.any(nonzero))
+  w = jnp.where(use_zero, zero_grad / jnp.maximum(jnp.sum(zero_grad), 1), w)
+  w = jnp.where(present, w, 0.0).astype(dtype)
+  if return_info:
+    info = info._replace(
+        residual=jnp.where(use_zero, 0.0, info.residual).astype(dtype),
+        converged=info.converged | use_zero)
+    return w, info
+  return w
+
+
+# --------------------------------------------------------------------------
+# Nash bargaining (Nash-MTL).
+# --------------------------------------------------------------------------
 
 
 def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
-                    iters: int = 100, ridge: float = 1e-6) -> jax.Array:
+                    iters: int = 100, ridge: float = 1e-6,
+                    return_info: bool = False):
   """Nash bargaining weights: `alpha > 0` with `M alpha = 1 / alpha`.
 
   Navon et al. (2022, Nash-MTL) characterise the bargaining solution by
   `(G^T alpha) . g_i = 1 / alpha_i` for every task i, i.e. `alpha_i (M
-  alpha)_i = 1`. This is the stationarity condition of the strictly convex,
+  alpha)_i = 1`. In the cosine basis `s = N alpha` this is `s_i (C s)_i = 1`:
+  the solution is `s / n` with `s` independent of the norms, so norm spreads
+  cost no accuracy. `s` is the stationary point of the strictly convex,
   self-concordant
 
-    phi(alpha) = 0.5 alpha^T M alpha - sum_i log alpha_i,
+    phi(s) = 0.5 s^T C s - sum_i log s_i,
 
-  which is minimised by Newton's method: each step is damped to
-  `1 / (1 + lambda)` while the Newton decrement `lambda` is >= 1/4 (which
-  keeps `alpha > 0` and guarantees descent for self-concordant functions),
-  lengthened to the largest of 1, 1/2, 1/4, ... that keeps `alpha > 0` and
-  passes Armijo's test when that is longer, and full once `lambda < 1/4`
-  (quadratic convergence). At most `iters` steps; stops at `lambda^2 < 1e-12`.
+  minimised by Newton's method: each step is damped to `1 / (1 + lambda)`
+  while the Newton decrement `lambda` is >= 1/4 (which keeps `s > 0` and
+  guarantees descent for self-concordant functions), lengthened to the
+  largest of 1, 1/2, 1/4, ... that keeps `s > 0` and passes Armijo's test
+  when that is longer, and full once `lambda < 1/4` (quadratic convergence).
+  At most `iters` steps; stops at `lambda^2 < 1e-12` (float32) or its
+  float64 counterpart.
 
-  Regularisation: if M is singular with a non-negative null direction (a zero
+  Regularisation: if C is singular with a non-negative null direction (a zero
   gradient, or `g_1 = -g_2`), `phi` is unbounded below and no solution
-  exists; float32 rounding of `M alpha` can have the same effect on nearly
-  singular M. Newton's method therefore first minimises
-  `phi + 0.5 * ridge * s * |alpha|^2`, `s` the largest diagonal entry of M
-  (i.e. uses `M + ridge * s * I`), so that a degenerate direction gets a
-  large but finite weight (`~1 / sqrt(ridge * s)`). Then up to three plain
-  Newton steps on the unregularised `phi` remove the ridge's bias
-  (`~ridge * s * alpha_i^2` in `alpha_i (M alpha)_i`); each is kept only if it
-  moves no weight by more than 1% and reduces the residual
-  `max_i |alpha_i (M alpha)_i - 1|`, which holds when an exact solution lies
-  near the regularised one, and fails (keeping the regularised weights) when
-  M is singular.
+  exists; rounding of `C s` can have the same effect on nearly singular C.
+  Newton's method therefore first minimises `phi + 0.5 * ridge * |s|^2`
+  (i.e. uses `C + ridge * I`), so that a degenerate direction gets a large
+  but finite weight (`~1 / sqrt(ridge)`). Then up to three plain Newton steps
+  on the unregularised `phi` remove the ridge's bias (`~ridge * s_i^2` in
+  `s_i (C s)_i`); each is kept only if it moves no weight by more than 1% and
+  reduces the residual `max_i |s_i (C s)_i - 1|`, which holds when an exact
+  solution lies near the regularised one, and fails (keeping the regularised
+  weights) when C is singular.
+
+  Certificate (`SolverInfo.residual`): `max_i |s_i (C s)_i - 1|`, the
+  bargaining equation's relative residual; above tolerance exactly when the
+  ridge had to stay (no solution exists).
 
   Args:
     m: `[K, K]` symmetric PSD Gram matrix, any scale.
@@ -343,28 +656,32 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
       influence the others.
     iters: maximum number of Newton steps on the regularised problem.
     ridge: relative Tikhonov regularisation, see above.
+    return_info: also return the `SolverInfo`.
 
   Returns:
-    `alpha [K]` float32, > 0 on present tasks, 0 on absent ones; all zeros if
-    every present row of `M` is zero (no bargaining solution exists).
+    `alpha [K]` (and the info), > 0 on present tasks, 0 on absent ones; all
+    zeros if every present row of `M` is zero (no bargaining solution exists).
+    A present task with a zero gradient gets the ridge's finite weight.
   """
   k = m.shape[-1]
   present = _present_or_all(present, k)
-  mn, scale, nonzero = normalised_gram(m, present)
-  pf = present.astype(jnp.float32)
+  basis = cosine_basis(m, present)
+  dtype = basis.cos.dtype
+  pf = present.astype(dtype)
   # Absent tasks get an identity row: their weight decouples (and is 1).
-  mr = mn + jnp.diag(1.0 - pf)  # [K, K]
-  # The ridge stays out of `mr` so that float32 does not round it away
-  # against diagonal entries of size 1.
+  cr = basis.cos + jnp.diag(1.0 - pf)  # [K, K]
+  # The ridge stays out of `cr` so that rounding does not lose it against
+  # diagonal entries of size 1.
   reg = ridge * pf  # [K]
+  stop = 1e-12 if dtype == jnp.float32 else 1e-24
 
   def phi(a):
-    return (0.5 * jnp.vdot(a, _mv(mr, a)) + 0.5 * jnp.vdot(reg * a, a)
+    return (0.5 * jnp.vdot(a, _mv(cr, a)) + 0.5 * jnp.vdot(reg * a, a)
             - jnp.sum(jnp.log(a)))
 
   def newton_step(a, reg):
-    grad = _mv(mr, a) + reg * a - 1.0 / a  # [K]
-    hess = mr + jnp.diag(reg + 1.0 / (a * a))  # [K, K], positive definite
+    grad = _mv(cr, a) + reg * a - 1.0 / a  # [K]
+    hess = cr + jnp.diag(reg + 1.0 / (a * a))  # [K, K], positive definite
     delta = -jnp.linalg.solve(hess, grad)
     dec2 = jnp.maximum(-jnp.vdot(grad, delta), 0.0)  # Newton decrement^2
     return delta, dec2
@@ -379,7 +696,7 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
     lam = jnp.sqrt(dec2)
     damped = jnp.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
     # Backtracking on t = 1, 1/2, ..., evaluated all at once.
-    ts = 0.5 ** jnp.arange(30, dtype=jnp.float32)  # [30]
+    ts = 0.5 ** jnp.arange(30, dtype=dtype)  # [30]
     cand = a[None, :] + ts[:, None] * delta[None, :]  # [30, K]
     feasible = jnp.all(cand > 0, axis=1)
     safe = jnp.where(feasible[:, None], cand, 1.0)
@@ -388,17 +705,16 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
     a_new = a + jnp.maximum(damped, t_search) * delta
     ok = jnp.all(jnp.isfinite(a_new)) & jnp.all(a_new > 0)
     a_new = jnp.where(ok, a_new, a)
-    done = ~ok | (dec2 < 1e-12)
+    done = ~ok | (dec2 < stop)
     return i + 1, a_new, done
 
-  # Start from the solution for the diagonal of M (exact if the gradients are
-  # orthogonal).
-  a0 = 1.0 / jnp.sqrt(jnp.diagonal(mr) + reg)
-  _, a_reg, _ = jax.lax.while_loop(
+  # Start from the solution for orthogonal gradients.
+  a0 = 1.0 / jnp.sqrt(jnp.diagonal(cr) + reg)
+  used, a_reg, _ = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), a0, jnp.zeros((), bool)))
 
   def residual(a):
-    return jnp.max(jnp.abs(a * _mv(mr, a) - 1.0))
+    return jnp.max(jnp.where(present, jnp.abs(a * _mv(cr, a) - 1.0), 0.0))
 
   def unbias(_, a):
     delta, _ = newton_step(a, jnp.zeros_like(reg))
@@ -408,7 +724,14 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
             & (residual(a_new) < residual(a)))
     return jnp.where(keep, a_new, a)
 
-  a = jax.lax.fori_loop(0, 3, unbias, a_reg)
-  # mn = m / scale, so alpha = a / sqrt(scale) solves m alpha = 1 / alpha.
-  alpha = a / jnp.sqrt(jnp.where(nonzero, scale, 1.0))
-  return jnp.where(present & nonzero, alpha, 0.0)
+  s = jax.lax.fori_loop(0, 3, unbias, a_reg)
+  any_nonzero = jnp.any(basis.nonzero)
+  # alpha = s / |g| in M's units: |g| = norms * unit.
+  alpha = s / (basis.norms * basis.unit)
+  alpha = jnp.where(present & any_nonzero, alpha, 0.0).astype(dtype)
+  if return_info:
+    res = residual(s)
+    tol = 64 * k * _eps(dtype)
+    info = SolverInfo(used + 3, res, (res <= tol) | ~any_nonzero)
+    return alpha, info
+  return alpha

@@ -11,14 +11,15 @@ the task gradients, so the update conflicts with no task:
 
 By Proposition 1 of the paper, the projection of `G^T u` is `G^T w` with
 `w = argmin_{w >= u} w^T (G G^T) w`, a small QP on the Gram matrix solved
-here by `solvers.project_to_dual_cone`. UPGrad's weights are
+here by `solvers.project_to_dual_cone` (exactly, with its KKT conditions
+certified, whatever the spread of the gradient norms). UPGrad's weights are
 `sum_i w(p_i e_i)`, DualProj's `w(p)`.
 
 Deviations from TorchJD: TorchJD divides the Gram matrix by its trace (and
 returns 0 when the trace is below `norm_eps=1e-4`) and adds `reg_eps=1e-4`
 times the identity so that quadprog sees a positive-definite matrix; that
 changes the result by ~1e-4 relative and makes it scale-dependent. Here the
-QP is solved without the ridge (projection exact to float32 precision), and
+QP is solved without the ridge (projection exact to rounding), and
 both methods are exactly positively homogeneous: `A(c G) = c A(G)` for c > 0.
 Neither is valid on representation gradients (`rep_grad_ok=False`).
 """
@@ -74,13 +75,9 @@ def _make(pref_vector, name, weights_fn):
                 rng=None):
     del losses, rng
     present = base.present_mask(counts, gram_matrix.shape[0])
-    # The plain Gram matrix G G^T, as `update` has always used it: the result
-    # depends on it only up to a positive factor, but where G G^T overflows
-    # (|g| >~ 1e19) or underflows no projection is made. Multiplying by s
-    # twice overflows only where G G^T does.
-    m = gram_matrix * scale * scale  # [K, K]
-    p = _pref_weights(pref, present, name)  # [K]
-    return weights_fn(p, m, present), state  # [K]
+    # The weights are invariant to the Gram matrix's scale.
+    p = _pref_weights(pref, present, name).astype(gram_matrix.dtype)  # [K]
+    return weights_fn(p, gram_matrix, present), state  # [K]
 
   return base.gram_based(init, from_gram, rep_grad_ok=False)
 
