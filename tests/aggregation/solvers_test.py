@@ -14,6 +14,7 @@ import pytest
 from scipy import optimize
 
 from mtl_jax.aggregation import solvers
+from mtl_jax.aggregation.cagrad import cagrad_weights
 
 KMAX = 10
 MIN_NORM = jax.jit(solvers.min_norm_simplex)
@@ -275,3 +276,80 @@ def test_nash_closed_forms_scaling_and_singular_inputs():
   alpha = _nash(np.array([[5.0, -5.0], [-5.0, 5.0]]))
   assert alpha[0] == alpha[1]
   np.testing.assert_array_equal(_nash(np.zeros((3, 3))), [0.0, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------
+# Gradient norms spread over orders of magnitude, and float64.
+# --------------------------------------------------------------------------
+
+
+def _spread_rows(seed, norms, p=4, shared=False):
+  """Random rows rescaled to the given norms (float64)."""
+  rng = np.random.default_rng(seed)
+  g = rng.normal(size=(len(norms), p))
+  if shared:
+    g = g + rng.normal() * rng.normal(size=(1, p))
+  g = g / np.linalg.norm(g, axis=1, keepdims=True)
+  return g * np.asarray(norms, np.float64)[:, None]
+
+
+def test_min_norm_keeps_the_small_weight_of_a_large_gradient():
+  # Norms 1e-2, 1, 1e2: the exact min-norm point gives the largest gradient
+  # a weight of ~8e-5, far below any absolute tolerance on the weights, yet
+  # without it d conflicts with that task (cosine -0.61 when it is dropped).
+  g = _spread_rows(76, [1e-2, 1.0, 1e2])
+  m = jnp.asarray(g @ g.T, jnp.float32)
+  alpha = np.asarray(MIN_NORM(m), np.float64)
+  np.testing.assert_allclose(alpha, [0.9999162, 0.0, 8.378795e-05],
+                             rtol=1e-5, atol=1e-12)
+  d = alpha @ g
+  cosines = g @ d / np.linalg.norm(g, axis=1) / np.linalg.norm(d)
+  assert np.all(cosines > 0), cosines
+  # MGDA's guarantee g_k . d >= |d|^2, up to float32 rounding of g_k . d.
+  assert np.all(g @ d >= d @ d - 1e-6 * np.linalg.norm(g, axis=1)
+                * np.linalg.norm(d))
+  _, info = jax.jit(lambda m: solvers.min_norm_simplex(
+      m, return_info=True))(m)
+  assert bool(info.converged) and float(info.residual) < 1e-5
+
+
+def test_cagrad_weights_stay_on_the_simplex_at_extreme_spreads():
+  # Norms 1, 1e6, 1e12 with a shared component: the first-order solver used
+  # to return its momentum point, e.g. [0.503, 0.503, -0.006].
+  weights = jax.jit(cagrad_weights)
+  for seed in range(1, 6):
+    g = _spread_rows(seed, [1.0, 1e6, 1e12], shared=True)
+    w = np.asarray(weights(jnp.asarray(g @ g.T, jnp.float32)), np.float64)
+    assert np.all(w >= 0), (seed, w)
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+  # Seed 2: the exact dual solution (float64, cosine basis) puts 3.04e-7 on
+  # the middle task; the direction follows it only if the solver resolves it.
+  g = _spread_rows(2, [1.0, 1e6, 1e12], shared=True)
+  w = np.asarray(weights(jnp.asarray(g @ g.T, jnp.float32)), np.float64)
+  np.testing.assert_allclose(w, [1 - 3.0438e-7, 3.0438e-7, 0.0], rtol=1e-4,
+                             atol=1e-14)
+
+
+def test_dtype_follows_the_gram_matrix_under_x64():
+  # With jax_enable_x64 every solver runs in float64 for float64 input (the
+  # loops' carries used to mix dtypes and fail to trace) and in float32 for
+  # float32 input, with the same answer up to float32 rounding.
+  g = _spread_rows(3, [0.5, 2.0, 30.0], shared=True)
+  fns = {
+      "min_norm": lambda m: solvers.min_norm_simplex(m),
+      "cagrad": lambda m: cagrad_weights(m),
+      "dual_cone": lambda m: solvers.project_to_dual_cone(
+          jnp.full((3,), 1.0 / 3, m.dtype), m),
+      "nash": lambda m: solvers.nash_bargaining(m),
+  }
+  expected = {name: np.asarray(jax.jit(fn)(jnp.asarray(g @ g.T, jnp.float32)))
+              for name, fn in fns.items()}
+  with jax.enable_x64(True):
+    for dtype in (jnp.float32, jnp.float64):
+      m = jnp.asarray(g @ g.T, dtype)
+      for name, fn in fns.items():
+        got = jax.jit(fn)(m)
+        assert got.dtype == dtype, (name, got.dtype)
+        np.testing.assert_allclose(np.asarray(got, np.float64),
+                                   expected[name], rtol=2e-5, atol=1e-7,
+                                   err_msg=name)
