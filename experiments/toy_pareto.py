@@ -8,6 +8,15 @@ reaches it when its final loss vector lies within `--tolerance` of that front.
 
   python -m experiments.toy_pareto --out=runs/toy
   python -m experiments.toy_pareto --methods=mean,mgda,cagrad --steps=20000
+  python -m experiments.toy_pareto --methods=famo --famo_gamma=0 \
+      --famo_min_losses=-21,-21 --out=runs/toy_famo_official
+
+The weightings run with their library defaults, except FAMO's three settings,
+which have flags: the last command uses those of FAMO's official toy script
+(github.com/Cranial-XIX/FAMO, `experiments/toy/run.sh` and `trainer.py`):
+`gamma = 0` and the losses' lower bounds `min_losses = -21` (the toy's losses
+reach -20, and FAMO takes the log of `L - min_losses`). See `mtl_jax/weighting/
+famo.py` for why the defaults stall on the upper plateau.
 
 Writes `<out>/toy_pareto.png` (trajectories over the contours of the mean loss,
 the Pareto set in black) and `<out>/toy_pareto.json` (per method: final points,
@@ -43,6 +52,15 @@ _TOLERANCE = flags.DEFINE_float(
     "tolerance", 0.05, "A run reaches the Pareto set if its final (f1, f2) is "
     "within this distance of the numerically computed front.")
 _OUT = flags.DEFINE_string("out", "runs/toy_pareto", "Output directory.")
+_FAMO_GAMMA = flags.DEFINE_float(
+    "famo_gamma", 1e-3, "FAMO's weight decay on its task logits (library "
+    "default 1e-3; FAMO's official toy: 0).")
+_FAMO_MIN_LOSSES = flags.DEFINE_list(
+    "famo_min_losses", None, "FAMO's lower bound of each loss, e.g. -21,-21 "
+    "as FAMO's official toy (default: zeros, the library default).")
+_FAMO_LR = flags.DEFINE_float(
+    "famo_learning_rate", 0.025, "Adam learning rate of FAMO's task logits "
+    "(library default and FAMO's official toy: 0.025).")
 
 # The starting points of the CAGrad toy experiment.
 INITS = np.array([[-8.5, 7.5], [-8.5, -5.0], [9.0, 9.0], [-7.5, -0.5],
@@ -88,8 +106,14 @@ def distance_to_front(points: np.ndarray, front: np.ndarray) -> np.ndarray:
   return d.min(axis=1)
 
 
-def _direction_fn(name: str) -> tuple[Callable, Callable]:
-  """`(init(), update(G, losses, state, rng) -> (direction, state))`."""
+def _direction_fn(name: str, weighting_kwargs: dict[str, Any] | None = None
+                  ) -> tuple[Callable, Callable, Callable | None]:
+  """`(init(), update(G, losses, state, rng) -> (direction, state), post)`.
+
+  `post(new_losses, state) -> state` is the weighting's `post_update` (None
+  for aggregators and weightings without one); `weighting_kwargs` are the
+  weighting's hyperparameters.
+  """
   counts = jnp.ones(2)
   if name in aggregation.AGGREGATORS:
     agg = aggregation.get_aggregator(name)
@@ -97,33 +121,45 @@ def _direction_fn(name: str) -> tuple[Callable, Callable]:
     def update(g, losses, state, rng):
       return agg.update(g, state, losses=losses, counts=counts, rng=rng)
 
-    return (lambda: agg.init(2)), update
+    return (lambda: agg.init(2)), update, None
   if name in weighting.WEIGHTINGS:
-    w = (weighting.get_weighting(name, num_tasks=2) if name == "equal"
-         else weighting.get_weighting(name))
+    kwargs = dict(weighting_kwargs or {})
+    if name == "equal":
+      kwargs["num_tasks"] = 2
+    w = weighting.get_weighting(name, **kwargs)
 
     def update_w(g, losses, state, rng):
       weights, state = w.update(losses, counts, state, rng=rng,
                                 grad_norms=jnp.linalg.norm(g, axis=1))
       return weights @ g, state
 
-    return (lambda: w.init(2)), update_w
+    post = None
+    if w.post_update is not None:
+      post = lambda new_losses, state: w.post_update(new_losses, counts, state)
+    return (lambda: w.init(2)), update_w, post
   raise ValueError(f"unknown method {name!r}; valid: aggregators "
                    f"{sorted(aggregation.AGGREGATORS)} or weightings "
                    f"{sorted(weighting.WEIGHTINGS)}")
 
 
 def run_method(name: str, inits: np.ndarray, steps: int, learning_rate: float,
-               record_every: int = 100) -> dict[str, Any]:
+               record_every: int = 100,
+               weighting_kwargs: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
   """Optimises every starting point with `name`; returns trajectories.
+
+  Args:
+    name: an aggregator or a weighting.
+    inits: `[R, 2]` starting points.
+    steps: Adam steps per run (a multiple of `record_every`).
+    learning_rate: Adam's learning rate on x.
+    record_every: the trajectories keep one point per this many steps.
+    weighting_kwargs: hyperparameters of the weighting `name`.
 
   Returns:
     `{"trajectories": [R, T, 2], "final": [R, 2], "final_losses": [R, 2]}`.
   """
-  init_state, update = _direction_fn(name)
-  weighting_post = None
-  if name in weighting.WEIGHTINGS and name != "equal":
-    weighting_post = weighting.get_weighting(name).post_update
+  init_state, update, weighting_post = _direction_fn(name, weighting_kwargs)
   tx = optax.adam(learning_rate)
 
   def one_run(x0, key):
@@ -135,7 +171,7 @@ def run_method(name: str, inits: np.ndarray, steps: int, learning_rate: float,
       upd, opt_state = tx.update(d, opt_state, x)
       x = optax.apply_updates(x, upd)
       if weighting_post is not None:
-        state = weighting_post(toy_losses(x), jnp.ones(2), state)
+        state = weighting_post(toy_losses(x), state)
       return (x, opt_state, state), x
 
     def chunk(carry, t0):
@@ -188,25 +224,39 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
 
 
 def run(methods: list[str], steps: int, learning_rate: float,
-        tolerance: float, out: str) -> dict[str, dict]:
+        tolerance: float, out: str,
+        weighting_kwargs: dict[str, dict[str, Any]] | None = None
+        ) -> dict[str, dict]:
   """Runs every method from every start; writes the JSON summary and the PNG.
+
+  Args:
+    methods: aggregators and/or weightings.
+    steps: Adam steps per run.
+    learning_rate: Adam's learning rate on x.
+    tolerance: the distance to the front that counts as reaching it.
+    out: the output directory.
+    weighting_kwargs: `{name: hyperparameters}` for weightings in `methods`
+      (library defaults for the others).
 
   Returns:
     The per-method summary written to `<out>/toy_pareto.json`.
   """
+  weighting_kwargs = weighting_kwargs or {}
   for name in methods:  # fail before any work on a typo
-    _direction_fn(name)
+    _direction_fn(name, weighting_kwargs.get(name))
   os.makedirs(out, exist_ok=True)
   front, front_x = pareto_front()
   results, summary = {}, {}
   start = time.perf_counter()
   for i, name in enumerate(methods):
     t0 = time.perf_counter()
-    r = run_method(name, INITS, steps, learning_rate)
+    r = run_method(name, INITS, steps, learning_rate,
+                   weighting_kwargs=weighting_kwargs.get(name))
     dist = distance_to_front(r["final_losses"], front)
     r["reached"] = int(np.sum(dist < tolerance))
     results[name] = r
     summary[name] = {"reached": r["reached"], "runs": len(INITS),
+                     "hyperparameters": weighting_kwargs.get(name, {}),
                      "final_x": r["final"].round(3).tolist(),
                      "final_losses": r["final_losses"].round(4).tolist(),
                      "distance_to_front": dist.round(4).tolist()}
@@ -226,7 +276,12 @@ def main(argv):
   del argv
   methods = _METHODS.value or (sorted(aggregation.AGGREGATORS) +
                                list(DEFAULT_WEIGHTINGS))
-  summary = run(methods, _STEPS.value, _LR.value, _TOLERANCE.value, _OUT.value)
+  famo_kwargs = {"gamma": _FAMO_GAMMA.value,
+                 "learning_rate": _FAMO_LR.value}
+  if _FAMO_MIN_LOSSES.value:
+    famo_kwargs["min_losses"] = [float(v) for v in _FAMO_MIN_LOSSES.value]
+  summary = run(methods, _STEPS.value, _LR.value, _TOLERANCE.value, _OUT.value,
+                weighting_kwargs={"famo": famo_kwargs})
   print("method        on Pareto set")
   for name, s in summary.items():
     print(f"{name:<13} {s['reached']}/{s['runs']}")

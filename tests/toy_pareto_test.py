@@ -35,10 +35,39 @@ def test_mgda_reaches_the_front_and_main_writes_outputs(tmp_path):
                             learning_rate=0.01)
   assert toy_pareto.distance_to_front(r["final_losses"], front)[0] < 0.1
   assert r["trajectories"].shape == (1, 31, 2)  # start + one point per 100
+  famo_kwargs = {"gamma": 0.0, "min_losses": [-21.0, -21.0]}
   toy_pareto.run(["mean", "famo"], steps=200, learning_rate=1e-3,
-                 tolerance=0.05, out=str(tmp_path))
+                 tolerance=0.05, out=str(tmp_path),
+                 weighting_kwargs={"famo": famo_kwargs})
   with open(tmp_path / "toy_pareto.json") as f:
     summary = json.load(f)
   assert set(summary["methods"]) == {"mean", "famo"}
   assert summary["methods"]["mean"]["runs"] == 5
+  assert summary["methods"]["famo"]["hyperparameters"] == famo_kwargs
   assert os.path.getsize(tmp_path / "toy_pareto.png") > 10_000
+
+
+def test_famo_leaves_the_plateau_only_without_logit_decay():
+  # The two starts on the upper plateau, 30k steps (see famo.py's docstring).
+  front, _ = toy_pareto.pareto_front(n=400)
+  inits = toy_pareto.INITS[[0, 2]]
+
+  def final(**kwargs):
+    r = toy_pareto.run_method("famo", inits, steps=30_000, learning_rate=1e-3,
+                              weighting_kwargs=kwargs)
+    return r["final"], toy_pareto.distance_to_front(r["final_losses"], front)
+
+  # Library default gamma = 1e-3: both stall on the plateau (x2 > 2.5 where
+  # the Pareto set is at x2 = -8.4), more than 20 from the front.
+  x, dist = final()
+  assert np.all(x[:, 1] > 2.5) and np.all(dist > 20), (x, dist)
+  # The official toy's settings: both reach the middle of the Pareto set.
+  x, dist = final(gamma=0.0, min_losses=[-21.0, -21.0])
+  assert np.all(dist < 0.05), dist
+  np.testing.assert_allclose(x[:, 1], -8.35, atol=0.05)
+  assert np.all(np.abs(x[:, 0]) < 0.5), x
+  # gamma = 0 alone also reaches it, at the two single-task minima (+-7, -8.43)
+  # since the logits freeze once both losses are below min_losses = 0.
+  x, dist = final(gamma=0.0)
+  assert np.all(dist < 0.05), dist
+  np.testing.assert_allclose(x, [[-7.0, -8.43], [7.0, -8.43]], atol=0.02)

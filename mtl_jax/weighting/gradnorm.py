@@ -34,6 +34,9 @@ Conventions and deviations:
   epoch and that epoch's mean loss as `L0`; here `w` follows the paper and has
   its own optimizer (default `adam(0.025)`).
 * Losses are assumed non-negative (`r_k^alpha` of a negative ratio is NaN).
+* The gradient of `w` is clipped to +-2^60 before the optimizer, so that a
+  huge gradient norm (`+-g_k` ~ 1e30) cannot overflow Adam's second moment
+  (see `masking`); smaller gradients are untouched.
 """
 
 from __future__ import annotations
@@ -46,6 +49,18 @@ import optax
 
 from mtl_jax.weighting import masking
 from mtl_jax.weighting.base import Weighting
+
+
+def _divide_by_peak(x: jax.Array, peak: jax.Array) -> jax.Array:
+  """`x / peak` for `0 < peak <= float32 max`, entries at most 1 in magnitude.
+
+  XLA rewrites a division by a broadcast scalar as a multiplication by its
+  reciprocal, and `1 / peak` is subnormal, flushed to 0, for `peak > 2^126`
+  (~8.5e37): `3e38 / 3e38` would give 0. Scaling both by 2^-64 first (exact)
+  keeps the reciprocal normal; a ratio that then underflows is below 2^-126.
+  """
+  scale = jnp.where(peak > 2.0**64, 2.0**-64, 1.0)
+  return (x * scale) / (peak * scale)
 
 
 class GradNormState(NamedTuple):
@@ -117,7 +132,7 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025,
     # mean cannot overflow and inf / inf cannot make NaN weights.
     train_rate = jnp.minimum(train_rate, jnp.finfo(jnp.float32).max)
     peak = jnp.max(jnp.where(present, train_rate, 0.0))
-    train_rate = train_rate / jnp.where(peak > 0, peak, 1.0)
+    train_rate = _divide_by_peak(train_rate, jnp.where(peak > 0, peak, 1.0))
     mean_rate = masking.masked_mean(train_rate, present)
     inverse_rate = train_rate / jnp.where(mean_rate != 0, mean_rate, 1.0)
     inverse_rate = jnp.where(present, inverse_rate, 1.0)  # [K]
@@ -125,7 +140,8 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025,
     # Only the signs of G_k - target_k are used, and they do not depend on the
     # norms' scale: compare G_k / max_j g_j, whose mean cannot overflow.
     peak_norm = jnp.max(jnp.where(present, grad_norms, 0.0))
-    norms = w * (grad_norms / jnp.where(peak_norm > 0, peak_norm, 1.0))  # [K]
+    norms = w * _divide_by_peak(grad_norms,
+                                jnp.where(peak_norm > 0, peak_norm, 1.0))  # [K]
     target = masking.masked_mean(norms, present) * inverse_rate**alpha  # [K]
     grads = jnp.where(present, jnp.sign(norms - target) * grad_norms, 0.0)
     new_w, opt_state = masking.masked_step(optimizer, grads, state.opt_state,

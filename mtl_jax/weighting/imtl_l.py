@@ -18,6 +18,9 @@ Conventions and deviations:
   model and `s` take their gradient steps from the same point).
 * Only IMTL-L: IMTL-G (the gradient-level closed form) is an aggregator.
 * Absent tasks (count 0) keep `s_k` and its optimizer state exactly.
+* The gradient of `s` is clipped to +-2^60 before the optimizer, so that a
+  huge loss (`e^s L - 1` ~ 1e30) cannot overflow Adam's second moment (see
+  `masking`); smaller gradients are untouched.
 """
 
 from __future__ import annotations

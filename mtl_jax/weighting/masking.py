@@ -15,6 +15,19 @@ When every task is present this is exactly the unbatched optimizer, provided
 the optimizer acts elementwise (sgd, adam, adamw, add_decayed_weights, ...);
 transformations that couple coordinates (`clip_by_global_norm`) would act on
 each task separately.
+
+`masked_step` clips each task's gradient to `[-GRAD_LIMIT, GRAD_LIMIT]`
+(2^60 ~ 1.15e18) before the optimizer. Adam's second moment is a running mean
+of `g^2`, which overflows float32 to inf for `|g| > ~1.8e19`; the step
+`m / sqrt(v)` is then 0 and the parameter frozen for good. Learned weights
+meet such gradients from finite inputs: uncertainty's `0.5 - w L` and IMTL-L's
+`e^s L - 1` for a loss ~1e30, GradNorm's `+-g_k` for a gradient norm ~1e30.
+With the clip, `|m| <= 2^60` and `v <= 2^120`, 2^8 below float32's largest
+value, so every leaf of the state stays finite. The limit sits far above any
+gradient a trained model produces, and every gradient within it reaches the
+optimizer bit for bit; beyond it Adam (invariant to the gradient's scale)
+still takes its full step in the right direction. The clip is elementwise, so
+each task's step stays independent of the others.
 """
 
 from __future__ import annotations
@@ -71,6 +84,10 @@ def init_optimizer(optimizer: optax.GradientTransformation,
   return jax.vmap(optimizer.init)(params)
 
 
+# The largest gradient magnitude handed to the optimizer (module docstring).
+GRAD_LIMIT = 2.0**60
+
+
 def masked_step(optimizer: optax.GradientTransformation, grads: jax.Array,
                 opt_state: Any, params: jax.Array,
                 present: jax.Array) -> tuple[jax.Array, Any]:
@@ -78,7 +95,8 @@ def masked_step(optimizer: optax.GradientTransformation, grads: jax.Array,
 
   Args:
     optimizer: an elementwise optax transformation (see module docstring).
-    grads: `[K]` gradient of the method's objective w.r.t. `params`.
+    grads: `[K]` gradient of the method's objective w.r.t. `params`; clipped
+      to `[-GRAD_LIMIT, GRAD_LIMIT]` (an infinite entry too) before the step.
     opt_state: the state from `init_optimizer` (or a previous step).
     params: `[K]` learnable per-task parameters.
     present: `[K]` bool mask.
@@ -87,6 +105,7 @@ def masked_step(optimizer: optax.GradientTransformation, grads: jax.Array,
     `(params [K], opt_state)`: absent tasks' parameters and every leaf entry of
     their optimizer state are the old values, exactly.
   """
+  grads = jnp.clip(grads, -GRAD_LIMIT, GRAD_LIMIT)
   updates, new_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
 

@@ -21,6 +21,9 @@ Conventions and deviations:
   objective.
 * LibMTL initialises `s = -0.5`; the default here is `s = 0` (`sigma = 1`).
 * Absent tasks (count 0) keep `s_k` and its optimizer state exactly.
+* The gradient of `s` is clipped to +-2^60 before the optimizer, so that a
+  huge loss (`0.5 - w L` ~ -1e30) cannot overflow Adam's second moment
+  (see `masking`); smaller gradients are untouched.
 """
 
 from __future__ import annotations

@@ -143,3 +143,47 @@ def test_custom_optimizer_sgd():
   # grad = [log2 / 4, -log2 / 4] (see test_first_step_by_hand); xi = -grad.
   np.testing.assert_allclose(state.logits, [-np.log(2) / 4, np.log(2) / 4],
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 0.0])
+def test_decay_outweighs_a_small_logit_gradient(gamma):
+  # xi = [-1, 1]; task 0's loss fell by delta_0 = 1e-4 in log, task 1's not:
+  # grad = z * (delta - z . delta) = z0 z1 1e-4 * [1, -1] (~1.05e-5), which
+  # alone moves the logits apart. The decay adds gamma * xi = 1e-3 * [-1, 1]
+  # and, bigger, flips the sign: Adam's first step is
+  # -lr * g / (|g| + 1e-8), toward 0 with gamma = 1e-3, away from it with 0.
+  w = weighting.famo(gamma=gamma)
+  xi = np.array([-1.0, 1.0])
+  state = w.init(2)._replace(logits=jnp.asarray(xi, jnp.float32))
+  losses = np.array([1.0, 1.0], np.float32)
+  new_losses = np.array([np.exp(-1e-4), 1.0], np.float32)
+  _, state = jax.jit(w.update)(jnp.asarray(losses), jnp.ones(2), state)
+  state = jax.jit(w.post_update)(jnp.asarray(new_losses), jnp.ones(2), state)
+  delta = (np.log(losses.astype(np.float64) + 1e-8) -
+           np.log(new_losses.astype(np.float64) + 1e-8))
+  z = np.exp(xi) / np.exp(xi).sum()
+  g = z * (delta - z @ delta) + gamma * xi
+  np.testing.assert_allclose(g, [-9.9e-4, 9.9e-4] if gamma else
+                             [1.05e-5, -1.05e-5], rtol=0.01)
+  np.testing.assert_allclose(state.logits,
+                             xi - 0.025 * g / (np.abs(g) + 1e-8), rtol=1e-5)
+  # Toward 0 by ~0.025 with the decay, apart by ~0.025 without.
+  np.testing.assert_allclose(np.abs(state.logits),
+                             [0.975, 0.975] if gamma else [1.025, 1.025],
+                             rtol=1e-3)
+
+
+def test_loss_below_min_losses_takes_the_weight_and_freezes_its_logit():
+  # L = [-1, 2] with min_losses 0: l = [eps, 2 + eps]; with z = [1/2, 1/2],
+  # w = (1/l) / sum(1/l) = [1 / (1 + eps / 2), (eps / 2) / (1 + eps / 2)].
+  w = weighting.famo()
+  weights, state = jax.jit(w.update)(jnp.array([-1.0, 2.0]), jnp.ones(2),
+                                     w.init(2))
+  np.testing.assert_allclose(weights, [1.0, 5e-9], rtol=1e-6)
+  # Both losses below 0, before and after the step: l = l' = eps, so w = z,
+  # delta = 0 and the gradient is 0, and so is Adam's first step (m = v = 0).
+  weights, state = jax.jit(w.update)(jnp.array([-1.0, -2.0]), jnp.ones(2),
+                                     state)
+  np.testing.assert_allclose(weights, [0.5, 0.5], rtol=1e-6)
+  state = jax.jit(w.post_update)(jnp.array([-3.0, -0.5]), jnp.ones(2), state)
+  np.testing.assert_array_equal(state.logits, [0.0, 0.0])

@@ -85,3 +85,37 @@ def test_needs_grad_norms_and_checks_hyperparameters():
     weighting.gradnorm(alpha=-1.0)
   with pytest.raises(ValueError, match="learning_rate must be > 0"):
     weighting.gradnorm(learning_rate=0.0)
+
+
+def test_huge_gradient_norm_keeps_the_adam_state_finite():
+  # L = L0 = [1, 1], g = [3e38, 1]: G / max g = [1, ~3e-39], target = 0.5,
+  # grad = sign(G - target) g = [3e38, -1], clipped to [2^60, -1]. Adam's
+  # first step is -0.025 sign(grad): w = [0.975, 1.025] (sum 2), and
+  # v = 1e-3 grad^2 = [1e-3 * 2^120, 1e-3] stays finite.
+  w = weighting.gradnorm(learning_rate=0.025)
+  _, state = jax.jit(w.update)(jnp.array([1.0, 1.0]), ALL, w.init(2),
+                               grad_norms=jnp.array([3e38, 1.0]))
+  np.testing.assert_allclose(state.weights, [0.975, 1.025], rtol=1e-5)
+  np.testing.assert_allclose(state.opt_state[0].nu, [1e-3 * 2.0**120, 1e-3],
+                             rtol=1e-6)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_loss_ratio_near_float32_max_raises_that_tasks_weight():
+  # Step 1: L = L0 = [1, 1], g = [1, 1]: a tie, grad 0, w stays [1, 1].
+  # Step 2: L = [3e38, 1]: L / L0 = [3e38, 1], divided by the largest
+  # [1, ~3e-39], mean 0.5, r = [2, ~0]; G = [1, 1], target = [2^1.5, ~0];
+  # grad = sign(G - target) g = [-1, +1]. Adam's second step (first gradient
+  # 0): m_hat / sqrt(v_hat) = (0.1 / 0.19) / sqrt(1e-3 / (1 - 0.999^2)) per
+  # unit gradient, so w = 1 -+ 0.025 * that (sum 2): task 0, whose loss grew,
+  # gains weight.
+  w = weighting.gradnorm(learning_rate=0.025)
+  update = jax.jit(w.update)
+  _, state = update(jnp.array([1.0, 1.0]), ALL, w.init(2),
+                    grad_norms=jnp.ones(2))
+  np.testing.assert_array_equal(state.weights, [1.0, 1.0])
+  _, state = update(jnp.array([3e38, 1.0]), ALL, state,
+                    grad_norms=jnp.ones(2))
+  step = 0.025 * (0.1 / 0.19) / np.sqrt(1e-3 / (1 - 0.999**2))
+  np.testing.assert_allclose(state.weights, [1 + step, 1 - step], rtol=1e-5)

@@ -57,9 +57,34 @@ def test_absent_task_state_is_unchanged_and_others_unaffected():
   state2 = w2.init(2)
   for _ in range(3):
     _, state2 = jax.jit(w2.update)(losses[1:], counts[1:], state2)
-  np.testing.assert_array_equal(state.log_scales[1:], state2.log_scales)
+  # Equal up to the last bit only: XLA's CPU exp rounds some entries of a
+  # length-3 array differently from the same values in a length-2 one (1 ulp),
+  # so w = exp(s), and the steps that use it, may differ by ~1e-7 relative.
+  np.testing.assert_allclose(state.log_scales[1:], state2.log_scales,
+                             rtol=1e-6)
 
 
 def test_bad_learning_rate():
   with pytest.raises(ValueError, match="learning_rate must be > 0"):
     weighting.imtl_l(learning_rate=-1.0)
+
+
+def test_huge_losses_keep_the_adam_state_finite_and_tasks_independent():
+  # grad = e^0 L - 1 = [3e38, 1e30, -0.5] is clipped to [2^60, 2^60, -0.5]:
+  # Adam's first step is -lr * sign(g), v = 1e-3 g^2 stays finite.
+  w = weighting.imtl_l(learning_rate=1e-4)
+  losses = jnp.array([3e38, 1e30, 0.5])
+  _, state = jax.jit(w.update)(losses, jnp.ones(3), w.init(3))
+  np.testing.assert_allclose(state.log_scales, [-1e-4, -1e-4, 1e-4],
+                             rtol=1e-4)
+  np.testing.assert_allclose(state.opt_state[0].nu,
+                             [1e-3 * 2.0**120] * 2 + [2.5e-4], rtol=1e-6)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(leaf))
+  # The clip is per task: with task 0 absent, tasks 1 and 2 step exactly as
+  # in the two-task problem without it.
+  _, state3 = jax.jit(w.update)(losses, jnp.array([0.0, 1.0, 1.0]), w.init(3))
+  _, state2 = jax.jit(w.update)(losses[1:], jnp.ones(2), w.init(2))
+  np.testing.assert_array_equal(state3.log_scales[1:], state2.log_scales)
+  np.testing.assert_array_equal(state3.opt_state[0].nu[1:],
+                                state2.opt_state[0].nu)

@@ -66,3 +66,30 @@ def test_adam_state_is_per_task_and_untouched_when_absent():
   p2, s2 = step(opt, grads, s1, p1, jnp.array([False, True, False]))
   np.testing.assert_allclose(p2, [-0.1, 0.1, 0.1], rtol=1e-5)
   np.testing.assert_array_equal(s2[0].count, [1, 1, 1])
+
+
+def test_gradients_beyond_the_limit_are_clipped_elementwise():
+  # sgd(1) shows the gradient the optimizer receives: |g| <= 2^60, the rest
+  # (1e18 < 2^60 ~ 1.15e18) passes unchanged, and infinities are clipped too.
+  assert masking.GRAD_LIMIT == 2.0**60
+  opt = optax.sgd(1.0)
+  grads = jnp.array([3e38, 1e18, -jnp.inf], jnp.float32)
+  new, _ = jax.jit(masking.masked_step, static_argnums=0)(
+      opt, grads, masking.init_optimizer(opt, jnp.zeros(3)), jnp.zeros(3),
+      jnp.ones(3, bool))
+  np.testing.assert_array_equal(new, np.array([-2.0**60, -1e18, 2.0**60],
+                                              np.float32))
+
+
+def test_adam_state_stays_finite_for_a_float32_max_gradient():
+  # g = 3e38 is clipped to 2^60: m = 0.1 * 2^60, v = 0.001 * 2^120 (finite;
+  # 3e38^2 would be inf), and the first step is still -lr * sign(g).
+  opt = optax.adam(0.1)
+  params = jnp.zeros(3)
+  grads = jnp.array([3e38, -3e38, 2.0], jnp.float32)
+  new, state = jax.jit(masking.masked_step, static_argnums=0)(
+      opt, grads, masking.init_optimizer(opt, params), params, PRESENT)
+  np.testing.assert_allclose(new, [-0.1, 0.0, -0.1], rtol=1e-4)
+  adam = state[0]
+  np.testing.assert_allclose(adam.mu, [0.1 * 2.0**60, 0.0, 0.2], rtol=1e-6)
+  np.testing.assert_allclose(adam.nu, [1e-3 * 2.0**120, 0.0, 4e-3], rtol=1e-6)

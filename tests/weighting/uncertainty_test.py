@@ -72,3 +72,25 @@ def test_bad_hyperparameters():
     weighting.uncertainty(learning_rate=0.0)
   with pytest.raises(ValueError, match="init_log_var must be finite"):
     weighting.uncertainty(init_log_var=float("nan"))
+
+
+def test_huge_losses_keep_the_adam_state_finite():
+  # grad = 0.5 - 0.5 exp(-s) L = [-5e29, -1.5e38, 0] is clipped to
+  # [-2^60, -2^60, 0]. Adam then steps s by +lr where g < 0 and not at all
+  # where g = 0; after two steps with the same clipped g: m = -0.19 * 2^60,
+  # v = (0.999 + 1) * 1e-3 * 2^120, s = 2 lr (each bias-corrected step is
+  # m_hat / sqrt(v_hat) = -1).
+  w = weighting.uncertainty(learning_rate=1e-4)
+  update = jax.jit(w.update)
+  state = w.init(3)
+  losses = jnp.array([1e30, 3e38, 1.0])
+  for _ in range(2):
+    _, state = update(losses, ALL, state)
+  np.testing.assert_allclose(state.log_vars, [2e-4, 2e-4, 0.0], rtol=1e-4)
+  adam = state.opt_state[0]
+  np.testing.assert_allclose(adam.mu, [-0.19 * 2.0**60] * 2 + [0.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(adam.nu, [1.999e-3 * 2.0**120] * 2 + [0.0],
+                             rtol=1e-6)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(leaf))
