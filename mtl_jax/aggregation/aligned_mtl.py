@@ -22,7 +22,13 @@ length of the aligned gradients (`scale_mode`):
 Costs one O(K^2 P) Gram, a K x K `eigh`, one O(K P) combination.
 
 Eigenvalues at most `max(lambda) * n * eps` (n: number of present tasks; the
-official code uses K) are treated as zero, as in the official code. Absent
+official code uses K; eps of the Gram matrix's dtype) are treated as zero, as
+in the official code. This cutoff is part of the method's definition: a Gram
+matrix whose condition number exceeds ~1 / (n eps) (gradient norms spread by
+more than ~1e3 in float32, ~1e7 in float64) is rank deficient for Aligned-MTL,
+the directions it equalises are only the kept ones, and float32 and float64
+results differ there (each equals the float64 reference with its own cutoff,
+tests/aggregation/ill_conditioned_test.py). Absent
 tasks are given a negative diagonal entry in M (their eigenvalues are then
 negative, well apart from the PSD present block's) and are dropped with the
 other non-positive eigenvalues; their weights are set to 0. If every present

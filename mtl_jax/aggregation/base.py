@@ -205,7 +205,11 @@ def scaled_gram(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
   largest diagonal entry is a normal number far from underflow, `s` comes
   from that diagonal (no extra pass over the gradients). Only otherwise (rare)
   is the Gram matrix recomputed from `grads / power_of_two_scale(grads)`.
-  Divisions by a power of two are exact.
+  Divisions by a power of two are exact. On the fast path a row whose norm is
+  below ~1e-19 (float32) next to rows above ~1e-9 has Gram entries below the
+  smallest normal number, which the CPU flushes to zero: such a row counts as
+  a zero gradient (its weight could change the direction by at most its own
+  norm).
 
   Returns:
     `[K, K]` and the scalar `s`, in `float_dtype(grads)`.

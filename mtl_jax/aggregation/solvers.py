@@ -294,6 +294,38 @@ def _least_squares_nu(grad, free, problem):
       jnp.vdot(rf, rf), jnp.finfo(grad.dtype).tiny)
 
 
+def _step_length(problem, s, free, step, f, decrement, grad_tol, halvings):
+  """The step `t` along `step` and the coordinates whose bound stops it.
+
+  `t` is the longest step up to 1 that crosses no bound; for non-quadratic
+  objectives, the longest of its halvings that passes Armijo's test or (where
+  rounding hides f's decrease on a flat face) along which the slope is still
+  <= 0 up to its rounding: f is convex, so it decreased all the way to t.
+
+  Returns:
+    `(t, hit)`: the step length and `bool [K]`, the free coordinates that
+    reach their bound.
+  """
+  leaving = free & (step < 0)
+  room = jnp.where(leaving, (s - problem.lower) / jnp.where(leaving, -step,
+                                                            1.0), jnp.inf)
+  t_max = jnp.clip(jnp.min(room), 0.0, 1.0)
+  if problem.quadratic:
+    t = t_max
+  else:
+    ts = t_max * halvings  # [J]
+
+    def value_and_slope(t):
+      f_t, grad_t, _, _ = problem.fgh(s + t * step)
+      return f_t, jnp.vdot(grad_t, step)
+
+    f_new, slopes = jax.vmap(value_and_slope)(ts)
+    ok = ((f_new <= f - 1e-4 * ts * decrement)
+          | (slopes <= grad_tol * jnp.sum(jnp.abs(step))))
+    t = jnp.max(jnp.where(ok, ts, 0.0))
+  return t, leaving & (room <= t)
+
+
 def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
                 max_iters: int) -> tuple[jax.Array, SolverInfo]:
   """Primal active-set Newton method from the feasible point `s0`.
@@ -304,7 +336,8 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
     non-quadratic objectives); a coordinate whose bound stops the step leaves
     the free set; or
   * (face optimal: the previous step was a full Newton step of a quadratic,
-    or the Newton decrement is at rounding level) checks the multipliers of
+    the line search stalled at rounding level, or the Newton decrement is far
+    below f's rounding level) checks the multipliers of
     the fixed coordinates: the most negative one below `-tol` is freed;
     if there is none, the point satisfies the KKT conditions and the loop
     ends.
@@ -341,27 +374,8 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
     worst = jnp.argmin(jnp.where(candidates, mult, jnp.inf))
     violated = jnp.any(candidates & (mult < -tol * scale))
     # Otherwise: a step towards the face minimiser, up to the first bound.
-    leaving = free & (step < 0)
-    room = jnp.where(leaving, (s - problem.lower) / jnp.where(leaving, -step,
-                                                              1.0), jnp.inf)
-    t_max = jnp.clip(jnp.min(room), 0.0, 1.0)
-    if problem.quadratic:
-      t = t_max
-    else:
-      # Armijo's test, or (where rounding hides f's decrease on a flat
-      # face) a slope along the step still <= 0 at t up to its rounding:
-      # f is convex, so it decreased all the way to t.
-      ts = t_max * halvings  # [J]
-
-      def value_and_slope(t):
-        f_t, grad_t, _, _ = problem.fgh(s + t * step)
-        return f_t, jnp.vdot(grad_t, step)
-
-      f_new, slopes = jax.vmap(value_and_slope)(ts)
-      slope_tol = tol * scale * jnp.sum(jnp.abs(step))
-      ok = (f_new <= f - 1e-4 * ts * decrement) | (slopes <= slope_tol)
-      t = jnp.max(jnp.where(ok, ts, 0.0))
-    hit = leaving & (room <= t)
+    t, hit = _step_length(problem, s, free, step, f, decrement,
+                          tol * scale, halvings)
     s_new = jnp.where(hit, problem.lower, s + t * step)
     s_new = jnp.where(problem.movable, jnp.maximum(s_new, problem.lower),
                       problem.lower)
