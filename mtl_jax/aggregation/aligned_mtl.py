@@ -22,13 +22,16 @@ length of the aligned gradients (`scale_mode`):
 Costs one O(K^2 P) Gram, a K x K `eigh`, one O(K P) combination.
 
 Eigenvalues at most `max(lambda) * n * eps` (n: number of present tasks; the
-official code uses K; eps of the Gram matrix's dtype) are treated as zero, as
-in the official code. This cutoff is part of the method's definition: a Gram
-matrix whose condition number exceeds ~1 / (n eps) (gradient norms spread by
-more than ~1e3 in float32, ~1e7 in float64) is rank deficient for Aligned-MTL,
-the directions it equalises are only the kept ones, and float32 and float64
-results differ there (each equals the float64 reference with its own cutoff,
-tests/aggregation/ill_conditioned_test.py). Absent
+official code uses K) are treated as zero, as in the official code, with eps
+FLOAT32's epsilon whatever the dtype (the official code's precision). This
+cutoff is part of the method's definition: a Gram matrix whose condition
+number exceeds ~1 / (n eps) (gradient norms spread by more than ~1e3) is rank
+deficient for Aligned-MTL and the directions it equalises are only the kept
+ones. Fixing eps makes float32 and float64 (`jax_enable_x64`) runs compute the
+same direction; float64 only resolves the kept eigenvalues more accurately.
+Eigenvalues within a small factor of the cutoff are kept or dropped by
+rounding: there the direction is not well defined in any precision.
+Absent
 tasks are given a negative diagonal entry in M (their eigenvalues are then
 negative, well apart from the PSD present block's) and are dropped with the
 other non-positive eigenvalues; their weights are set to 0. If every present
@@ -68,7 +71,7 @@ def aligned_mtl_weights(gram_matrix: jax.Array, present: jax.Array,
   lam, vecs = jnp.linalg.eigh(
       gram_matrix - jnp.diag(jnp.where(present, 0.0, shift)))  # [K], [K, K]
   num_present = present.sum()
-  tol = jnp.max(lam) * num_present * jnp.finfo(dtype).eps
+  tol = jnp.max(lam) * num_present * jnp.finfo(jnp.float32).eps
   keep = lam > jnp.maximum(tol, 0.0)  # [K]
   rank = keep.sum()
   if scale_mode == "min":
