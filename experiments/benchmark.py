@@ -11,6 +11,7 @@ synthetic batch, compiles the train step of every method, and times it:
       --methods=ew,mgda,pcgrad --chunk_size=4 --out=runs/bench
   python -m experiments.benchmark --model=cnn --batch_size=128
   python -m experiments.benchmark --pipeline --methods= --data_dir=data/tfds
+  python -m experiments.benchmark --solvers --num_tasks=4,16 --solver_spread=1e8
 
 Methods: `baseline` (a hand-written JAX/optax step of the same MLP, no
 framework: the floor for equal weighting), `ew` (equal weighting, one backward
@@ -44,7 +45,9 @@ and between neighbouring K).
 of the mixture iterator, with and without the `Prefetcher`) and for the
 default train step it feeds (the CNN of experiments/configs/multi_digits.py,
 batch 128). `--out=DIR` writes `DIR/benchmark.jsonl`, `DIR/scaling.json` (for
-a sweep) and `DIR/step_time_vs_tasks.png`.
+a sweep) and `DIR/step_time_vs_tasks.png`. `--solvers` times the K x K
+part of each Gram-based method alone (`benchmark_solvers`: `us_per_call` of
+its jitted `from_gram`, rows named `solver/<method>`).
 """
 
 from __future__ import annotations
@@ -132,6 +135,13 @@ _DATA_CONFIG = flags.DEFINE_string("data_config", "default", "multi_digits "
                                    "builder config.", **_F)
 _PIPELINE_BATCHES = flags.DEFINE_integer(
     "pipeline_batches", 200, "Batches read per pipeline timing.", **_F)
+_SOLVERS = flags.DEFINE_bool(
+    "solvers", False, "Instead of train steps, time the K x K part alone: "
+    "each Gram-based method's `from_gram` on random Gram matrices (median "
+    "microseconds per call), for every K of --num_tasks.", **_F)
+_SOLVER_SPREAD = flags.DEFINE_float(
+    "solver_spread", 1.0, "With --solvers: ratio of the largest to the "
+    "smallest gradient norm in the random Gram matrices.", **_F)
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.jsonl and "
                            "step_time_vs_tasks.png.", **_F)
 
@@ -584,6 +594,64 @@ def benchmark_pipeline(*, data_dir: str, builder_config: str,
   return rows
 
 
+def random_grams(num_tasks: int, spread: float, count: int, seed: int
+                 ) -> list[jax.Array]:
+  """`count` float32 Gram matrices of `[K, 64]` gradients with a shared
+  component (conflicting pairs, non-trivial solver supports) and row norms
+  log-uniform over `spread`, normalised to a largest diagonal of 1."""
+  rng = np.random.default_rng(seed)
+  grams = []
+  for _ in range(count):
+    g = rng.normal(size=(num_tasks, 64))
+    g = g + rng.normal() * rng.normal(size=(1, 64))
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    g = g * spread ** rng.uniform(size=(num_tasks, 1))
+    m = g @ g.T
+    grams.append(jnp.asarray(m / np.max(np.diag(m)), jnp.float32))
+  return grams
+
+
+def benchmark_solvers(methods: Sequence[str], ks: Sequence[int], *,
+                      spread: float, rounds: int, calls: int, seed: int
+                      ) -> list[dict[str, Any]]:
+  """Median microseconds per jitted `from_gram` call of each Gram method.
+
+  The methods are timed in interleaved rounds over the same 16 matrices per
+  K (as the train steps are), so their ratios in one run are comparable.
+  """
+  rows = []
+  for k in ks:
+    grams = random_grams(k, spread, 16, seed)
+    fns = {}
+    for name in methods:
+      if name not in aggregation.AGGREGATORS:
+        continue  # ew, baseline and the weightings have no K x K part
+      agg = aggregation.get_aggregator(name)
+      if agg.from_gram is None:
+        continue
+      state = agg.init(k)
+      ones = jnp.ones((k,), jnp.float32)
+      fn = jax.jit(lambda m, st, agg=agg, ones=ones: agg.from_gram(
+          m, jnp.float32(1.0), st, losses=ones, counts=ones,
+          rng=jax.random.key(0))[0])
+      jax.block_until_ready(fn(grams[0], state))
+      fns[name] = (fn, state, [])
+    for r in range(rounds):
+      names = list(fns)
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        fn, state, times = fns[name]
+        start = time.perf_counter()
+        for i in range(calls):
+          out = fn(grams[i % len(grams)], state)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    for name, (_, _, times) in fns.items():
+      rows.append({"method": f"solver/{name}", "num_tasks": k,
+                   "spread": spread, "us_per_call": round(float(
+                       np.median(times)), 2), "backend": jax.default_backend()})
+  return rows
+
+
 # --------------------------------------------------------------------------
 # Output.
 
@@ -661,6 +729,15 @@ def run() -> list[dict[str, Any]]:
         chunk_size=_CHUNK_SIZE.value or None,
         learning_rate=_LEARNING_RATE.value, seed=_SEED.value, jacobian=modes)
 
+  if _SOLVERS.value:
+    rows = benchmark_solvers(methods, _ints(_NUM_TASKS.value),
+                             spread=_SOLVER_SPREAD.value,
+                             rounds=_ROUNDS.value, calls=max(_STEPS.value, 1),
+                             seed=_SEED.value)
+    for r in rows:
+      print(json.dumps(r), flush=True)
+    _write_rows(rows, [])
+    return rows
   ks = _ints(_NUM_TASKS.value) if methods else ()
   if _INTERLEAVE_SETTINGS.value:
     groups = iter([[setting(k) for k in ks]] if ks else [])
@@ -683,16 +760,24 @@ def run() -> list[dict[str, Any]]:
         rounds=_ROUNDS.value, warmup=_WARMUP.value, seed=_SEED.value):
       print(json.dumps(r), flush=True)
       rows.append(r)
+  _write_rows(rows, summary)
   if _OUT.value:
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "benchmark.jsonl"), "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    if summary:
-      with open(os.path.join(_OUT.value, "scaling.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     plot_scaling(rows, os.path.join(_OUT.value, "step_time_vs_tasks.png"))
   return rows
+
+
+def _write_rows(rows: Sequence[dict[str, Any]],
+                summary: Sequence[dict[str, Any]]) -> None:
+  """`--out`'s benchmark.jsonl (and scaling.json for a sweep)."""
+  if not _OUT.value:
+    return
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "benchmark.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  if summary:
+    with open(os.path.join(_OUT.value, "scaling.json"), "w") as f:
+      json.dump(summary, f, indent=1)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

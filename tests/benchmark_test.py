@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import benchmark
@@ -155,3 +156,24 @@ def test_jacobian_modes_are_timed_side_by_side():
   with pytest.raises(ValueError, match=r"unknown --jacobian mode\(s\) "
                      r"\['fast'\]; valid: auto, factored, full"):
     _main("--jacobian=fast", "--steps=1")
+
+
+def test_solvers_mode_times_the_gram_methods_only(tmp_path):
+  rows = _main("--solvers", "--num_tasks=3", "--steps=2", "--rounds=2",
+               "--solver_spread=1e6", "--methods=ew,mgda,graddrop,imtl_g",
+               f"--out={tmp_path}")
+  # ew has no K x K part and GradDrop is not Gram-based.
+  assert [r["method"] for r in rows] == ["solver/mgda", "solver/imtl_g"]
+  assert all(r["num_tasks"] == 3 and r["spread"] == 1e6
+             and r["us_per_call"] > 0 for r in rows)
+  with open(tmp_path / "benchmark.jsonl") as f:
+    assert [json.loads(line) for line in f] == rows
+
+
+def test_random_grams_have_the_requested_spread():
+  grams = benchmark.random_grams(4, 1e6, 3, seed=0)
+  for m in grams:
+    diag = np.diag(np.asarray(m, np.float64))
+    assert diag.max() == 1.0
+    # Norms log-uniform in [1, 1e6]: squared ratio at most 1e12.
+    assert 1.0 <= diag.max() / diag.min() <= 1e12 * (1 + 1e-5)

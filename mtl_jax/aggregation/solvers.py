@@ -335,9 +335,9 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
     possible up to 1 without crossing a bound (with backtracking on `f` for
     non-quadratic objectives); a coordinate whose bound stops the step leaves
     the free set; or
-  * (face optimal: the previous step was a full Newton step of a quadratic,
-    the line search stalled at rounding level, or the Newton decrement is far
-    below f's rounding level) checks the multipliers of
+  * (face optimal: the line search stalled at rounding level, or the Newton
+    decrement is far below f's rounding level; for a quadratic, also right
+    after a full Newton step, in the same iteration) checks the multipliers of
     the fixed coordinates: the most negative one below `-tol` is freed;
     if there is none, the point satisfies the KKT conditions and the loop
     ends.
@@ -357,22 +357,28 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
     i, _, _, _, done = carry
     return (i < max_iters) & ~done
 
-  def body(carry):
-    i, s, free, face_opt, _ = carry
-    f, grad, hess, scale = problem.fgh(s)
-    step, _ = _newton_on_face(hess, grad, free, problem.r, dtype)
-    # Face optimal: after a full step on a quadratic, after a stalled line
-    # search, or once the Newton decrement is far below f's rounding level
-    # (Newton converges quadratically: one more step would be at rounding).
-    decrement = -jnp.vdot(grad, step)
-    size = jnp.abs(f) + scale * jnp.sum(jnp.abs(s))
-    at_opt = face_opt | (decrement <= (8 * eps) ** 2 * size)
-    # At the face optimum: free the most violated bound, or stop.
+  def check(s, free):
+    """At a face optimum: the free set with the most violated bound freed,
+    and whether none is violated (the KKT conditions hold)."""
+    _, grad, _, scale = problem.fgh(s)
     nu = _least_squares_nu(grad, free, problem)
     mult = _multipliers(grad, nu, problem)
     candidates = problem.movable & ~free
     worst = jnp.argmin(jnp.where(candidates, mult, jnp.inf))
     violated = jnp.any(candidates & (mult < -tol * scale))
+    return free.at[worst].set(free[worst] | violated), ~violated
+
+  def body(carry):
+    i, s, free, face_opt, _ = carry
+    f, grad, hess, scale = problem.fgh(s)
+    step, _ = _newton_on_face(hess, grad, free, problem.r, dtype)
+    # Face optimal: after a stalled line search, or once the Newton decrement
+    # is far below f's rounding level (Newton converges quadratically: one
+    # more step would be at rounding).
+    decrement = -jnp.vdot(grad, step)
+    size = jnp.abs(f) + scale * jnp.sum(jnp.abs(s))
+    at_opt = face_opt | (decrement <= (8 * eps) ** 2 * size)
+    free_opt, kkt_opt = check(s, free)
     # Otherwise: a step towards the face minimiser, up to the first bound.
     t, hit = _step_length(problem, s, free, step, f, decrement,
                           tol * scale, halvings)
@@ -381,13 +387,15 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
                       problem.lower)
     finite = jnp.all(jnp.isfinite(s_new))
     stalled = ~jnp.any(hit) & ((t <= 0) | ~finite)
+    # A full step of a quadratic lands on the face minimiser: check it now.
+    full = (problem.quadratic & (t >= 1.0) & ~jnp.any(hit) & finite
+            & ~at_opt)
+    free_full, kkt_full = check(s_new, free)
     s_next = jnp.where(at_opt | ~finite, s, s_new)
-    free_next = jnp.where(at_opt, free.at[worst].set(free[worst] | violated),
-                          free & ~hit)
-    face_next = ~at_opt & (stalled | (problem.quadratic & (t >= 1.0)
-                                      & ~jnp.any(hit)))
-    done = at_opt & ~violated
-    return i + 1, s_next, free_next, face_next, done
+    free_next = jnp.where(at_opt, free_opt,
+                          jnp.where(full, free_full, free & ~hit))
+    done = jnp.where(at_opt, kkt_opt, full & kkt_full)
+    return i + 1, s_next, free_next, ~at_opt & stalled, done
 
   init = (jnp.zeros((), jnp.int32), s0, free0, jnp.zeros((), bool),
           jnp.zeros((), bool))
