@@ -44,6 +44,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.aggregation import solvers
 from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -51,16 +52,23 @@ SCALE_MODES = ("min", "median", "rmse")
 
 
 def aligned_mtl_weights(gram_matrix: jax.Array, present: jax.Array,
-                        scale_mode: str = "min") -> jax.Array:
+                        scale_mode: str = "min", *,
+                        return_info: bool = False):
   """Aligned-MTL's task weights `B 1` `[K]` (zero for absent tasks).
 
   Args:
     gram_matrix: `[K, K]` Gram matrix (absent rows and columns zero).
     present: `bool [K]`, which tasks are present.
     scale_mode: "min", "median" or "rmse".
+    return_info: also return a `solvers.SolverInfo` whose residual is the
+      defining equality's: the aligned gradients `B G` are orthogonal with
+      squared length `lambda_R` on the kept eigenvectors, `B M B = lambda_R
+      V_R V_R^T`, residual `max |B M B - lambda_R V_R V_R^T| / lambda_R`,
+      within tolerance when below `64 K eps` times the kept spectrum's
+      condition number (the rounding of the eigendecomposition).
 
   Returns:
-    `alpha [K]`; the direction is `alpha @ G`.
+    `alpha [K]` (and the info); the direction is `alpha @ G`.
   """
   dtype = gram_matrix.dtype
   # Absent tasks get a NEGATIVE diagonal entry: their eigenpairs are then
@@ -91,7 +99,23 @@ def aligned_mtl_weights(gram_matrix: jax.Array, present: jax.Array,
   b = jnp.sqrt(scale) * jnp.matmul(vecs * inv_sqrt[None, :], vecs.T,
                                    precision=_HIGHEST)  # [K, K]
   alpha = jnp.matmul(b, present.astype(dtype), precision=_HIGHEST)  # [K]
-  return jnp.where(present, alpha, 0.0)
+  alpha = jnp.where(present, alpha, 0.0)
+  if not return_info:
+    return alpha
+  bmb = jnp.matmul(jnp.matmul(b, gram_matrix, precision=_HIGHEST), b,
+                   precision=_HIGHEST)  # [K, K]
+  kept = jnp.matmul(vecs * keep[None, :], vecs.T, precision=_HIGHEST)
+  safe = jnp.where(scale > 0, scale, 1.0)
+  residual = jnp.where(rank > 0, jnp.max(jnp.abs(bmb - scale * kept)) / safe,
+                       0.0)
+  # The eigendecomposition's rounding, amplified by the kept spectrum's
+  # condition number through diag(lambda)^(-1/2).
+  smallest = jnp.min(jnp.where(keep, lam, jnp.inf))
+  cond = jnp.where(rank > 0, jnp.max(lam) / jnp.where(rank > 0, smallest, 1.0),
+                   1.0)
+  tol = 64 * gram_matrix.shape[0] * float(jnp.finfo(dtype).eps) * cond
+  return alpha, solvers.SolverInfo(jnp.ones((), jnp.int32), residual,
+                                   residual <= tol)
 
 
 def aligned_mtl(scale_mode: str = "min") -> Aggregator:

@@ -38,20 +38,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.aggregation import solvers
 from mtl_jax.aggregation.base import Aggregator, scale_invariant
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def config_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
+def config_weights(gram_matrix: jax.Array, present: jax.Array, *,
+                   return_info: bool = False):
   """ConFIG's direction as weights on the task gradients.
 
   Args:
     gram_matrix: `[K, K]` Gram matrix (absent rows and columns zero).
     present: `bool [K]`, which tasks are present.
+    return_info: also return a `solvers.SolverInfo` whose residual is the
+      spread of the cosines between d and the nonzero task gradients,
+      `max_i cos_i - min_i cos_i` (0 for a zero direction): at rounding level
+      when `U x = 1` is solvable, and not where the unit gradients are
+      dependent without an equal-cosine direction (then the least-squares
+      `x` of the official lstsq is used and `converged` is False).
 
   Returns:
-    `w [K]` with direction `w @ G` (zero for absent tasks).
+    `w [K]` (and the info) with direction `w @ G` (zero for absent tasks).
   """
   num_tasks = gram_matrix.shape[0]
   dtype = gram_matrix.dtype
@@ -70,7 +78,21 @@ def config_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
   proj = jnp.sum(jnp.where(present, mz, 0.0))  # sum_i g_i . x
   # d = (sum_i g_i . x / ||x||) x / ||x||.
   factor = jnp.where(sq_len > 0, proj / jnp.where(sq_len > 0, sq_len, 1.0), 0.0)
-  return factor * z
+  w = factor * z
+  if not return_info:
+    return w
+  basis = solvers.cosine_basis(gram_matrix, present)
+  s = jnp.where(basis.nonzero, basis.norms * w, 0.0)
+  cosines = jnp.matmul(basis.cos, s, precision=_HIGHEST)  # u_i . d, in units
+  length = solvers.combination_norm(basis, w)
+  nz = basis.nonzero
+  spread = (jnp.max(jnp.where(nz, cosines, -jnp.inf))
+            - jnp.min(jnp.where(nz, cosines, jnp.inf)))
+  residual = jnp.where((length > 0) & jnp.any(nz),
+                       spread / jnp.where(length > 0, length, 1.0), 0.0)
+  tol = 64 * num_tasks * float(jnp.finfo(dtype).eps)
+  return w, solvers.SolverInfo(jnp.ones((), jnp.int32), residual,
+                               residual <= tol)
 
 
 def config() -> Aggregator:

@@ -53,16 +53,24 @@ def _pinv(a: jax.Array, rtol: float) -> jax.Array:
   return jnp.matmul(vt.T * s_inv[None, :], u.T, precision=_HIGHEST)
 
 
-def imtl_g_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
+def imtl_g_weights(gram_matrix: jax.Array, present: jax.Array, *,
+                   return_info: bool = False):
   """IMTL-G's weights `alpha [K]` (zero for absent tasks, summing to 1).
 
   Args:
     gram_matrix: `[K, K]` Gram matrix of the gradients (absent rows/cols 0).
     present: `bool [K]`, which tasks are present.
+    return_info: also return a `solvers.SolverInfo` whose residual is the
+      spread of the projections, `(max_i - min_i) u_i . d` over tasks with a
+      nonzero gradient, relative to the size of d's terms `sum_i |alpha_i|
+      ||g_i||` (d itself may be 0, e.g. for `g_1 = -g_2`). It is at rounding
+      level when the equal-projection system is consistent; where it is not
+      (K > P or dependent gradients with no common projection) the weights
+      are the minimum-norm least-squares solution and `converged` is False.
 
   Returns:
-    `alpha [K]`; the direction is `alpha @ G`. With no present task with a
-    nonzero gradient, zeros.
+    `alpha [K]` (and the info); the direction is `alpha @ G`. With no present
+    task with a nonzero gradient, zeros.
   """
   k = gram_matrix.shape[0]
   basis = solvers.cosine_basis(gram_matrix, present)
@@ -79,7 +87,21 @@ def imtl_g_weights(gram_matrix: jax.Array, present: jax.Array) -> jax.Array:
   # The last equation makes the weights sum to 1 up to rounding; make it
   # exact (a single task then gets exactly its gradient).
   total = jnp.sum(alpha)
-  return jnp.where(total > 0, alpha / jnp.where(total > 0, total, 1.0), alpha)
+  alpha = jnp.where(total > 0, alpha / jnp.where(total > 0, total, 1.0), alpha)
+  if not return_info:
+    return alpha
+  # u_i . d in units of the smallest norm: C (N alpha).
+  s = jnp.where(nonzero, basis.norms * alpha, 0.0)
+  proj = jnp.matmul(cos, s, precision=_HIGHEST)  # [K]
+  # Relative to the size of d's terms (d itself may be 0: g_1 = -g_2).
+  terms = jnp.sum(jnp.abs(s))
+  spread = (jnp.max(jnp.where(nonzero, proj, -jnp.inf))
+            - jnp.min(jnp.where(nonzero, proj, jnp.inf)))
+  residual = jnp.where(terms > 0, spread / jnp.where(terms > 0, terms, 1.0),
+                       0.0)
+  tol = 64 * (k + 1) * float(jnp.finfo(dtype).eps)
+  return alpha, solvers.SolverInfo(jnp.ones((), jnp.int32), residual,
+                                   residual <= tol)
 
 
 def imtl_g() -> Aggregator:

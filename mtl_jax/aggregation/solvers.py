@@ -37,7 +37,9 @@ Certificates. Each iterative solver can return a `SolverInfo` (iterations
 used, the final KKT residual relative to the problem's scale, and whether it
 is below tolerance) with `return_info=True`; under `jit`, callers that do not
 ask for it pay nothing (the extra outputs are dead code). The residual is
-defined per solver in its docstring.
+defined per solver in its docstring. The closed forms of IMTL-G, ConFIG and
+Aligned-MTL (`imtl_g_weights`, `config_weights`, `aligned_mtl_weights`) return
+the same `SolverInfo` for the equality each method defines.
 
 Dtypes. Every solver computes in the Gram matrix's floating dtype (float64
 when the caller passes float64 with `jax_enable_x64` on, float32 otherwise,

@@ -31,6 +31,9 @@ import pytest
 
 from mtl_jax import aggregation
 from mtl_jax.aggregation import solvers
+from mtl_jax.aggregation.aligned_mtl import aligned_mtl_weights
+from mtl_jax.aggregation.conflict_free import config_weights
+from mtl_jax.aggregation.imtl import imtl_g_weights
 
 import references as ref
 
@@ -191,3 +194,75 @@ _dual_cone = jax.jit(functools.partial(solvers.project_to_dual_cone,
 _cagrad = jax.jit(functools.partial(solvers.cagrad_dual, c=C,
                                     return_info=True))
 _nash = jax.jit(functools.partial(solvers.nash_bargaining, return_info=True))
+
+
+_CLOSED_FORMS = {
+    "imtl_g": (jax.jit(functools.partial(
+        imtl_g_weights, return_info=True)), lambda g: ref.imtl_g(g)),
+    "config": (jax.jit(functools.partial(
+        config_weights, return_info=True)),
+               lambda g: ref.config(g)),
+    "aligned_mtl": (jax.jit(functools.partial(
+        aligned_mtl_weights, return_info=True)),
+                    lambda g: _aligned_reference(g, None)),
+}
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("name", sorted(_CLOSED_FORMS))
+@SETTINGS
+@hypothesis.given(data=st.data())
+def test_closed_forms_certify_their_equalities(name, dtype_name, data):
+  """IMTL-G's equal projections, ConFIG's equal cosines and Aligned-MTL's
+  orthonormal aligned gradients hold to rounding where the reference says
+  the problem is well posed."""
+  g = data.draw(jacobians(dtype_name))
+  fn, reference = _CLOSED_FORMS[name]
+  with jax.enable_x64(dtype_name == "float64"):
+    m, present = _gram(g, DTYPES[dtype_name])
+    _, info = fn(m, present)
+  solution = reference(g)
+  if solution.well_posed and solution.info["cancellation"] > 1e3 * float(
+      jnp.finfo(DTYPES[dtype_name]).eps) and _equality_holds(name, g,
+                                                              solution):
+    assert bool(info.converged), (name, info, g)
+
+
+def _equality_holds(name, g, solution):
+  """Whether the method's defining equality is attainable: the float64
+  reference direction has equal projections (IMTL-G) or equal cosines
+  (ConFIG) on the nonzero gradients. Where it is not (e.g. rows g, g, -g),
+  the least-squares weights are returned and `converged` is False."""
+  if name == "aligned_mtl":
+    return True
+  norms = np.linalg.norm(g, axis=1)
+  nonzero = norms > 0
+  proj = (g[nonzero] / norms[nonzero, None]) @ solution.direction
+  if name == "config":
+    proj = proj / max(np.linalg.norm(solution.direction), 1e-300)
+  else:
+    proj = proj / max(float(np.abs(solution.weights) @ norms), 1e-300)
+  return np.ptp(proj) <= 1e-9
+
+
+def test_closed_form_certificates_by_hand():
+  # g_1 = -g_2, g_3 orthogonal to both: no direction has equal cosines with
+  # all three (ConFIG's least squares gives d ~ g_3: cosines 0, 0, 1, spread
+  # exactly 1), while IMTL-G's equal projections hold with d = 0.
+  g = np.array([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [0.0, 0.0, 1.0]])
+  m = jnp.asarray(g @ g.T, jnp.float32)
+  present = jnp.ones(3, bool)
+  w, info = config_weights(m, present, return_info=True)
+  np.testing.assert_allclose(np.asarray(w) @ g, [0.0, 0.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(float(info.residual), 1.0, rtol=1e-6)
+  assert not bool(info.converged)
+  w, info = imtl_g_weights(m, present, return_info=True)
+  np.testing.assert_allclose(np.asarray(w), [0.5, 0.5, 0.0], atol=1e-6)
+  assert bool(info.converged) and float(info.residual) < 1e-6
+  # Aligned-MTL of orthogonal gradients: B G has rows of length
+  # sqrt(lambda_min) = 1 exactly.
+  g = np.diag([1.0, 2.0, 4.0])
+  w, info = aligned_mtl_weights(
+      jnp.asarray(g @ g.T, jnp.float32), present, return_info=True)
+  np.testing.assert_allclose(np.asarray(w), [1.0, 0.5, 0.25], rtol=1e-6)
+  assert bool(info.converged) and float(info.residual) < 1e-6
