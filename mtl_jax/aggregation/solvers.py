@@ -229,6 +229,17 @@ class _Problem(NamedTuple):
   quadratic: bool
 
 
+def _half_quadratic(c: jax.Array):
+  """`fgh` of `0.5 s^T C s` for a matrix with entries in [-1, 1] (the
+  magnitude of `C s`'s terms is `|s|_1`)."""
+
+  def fgh(s):
+    cs = _mv(c, s)
+    return 0.5 * jnp.vdot(s, cs), cs, c, jnp.sum(jnp.abs(s))
+
+  return fgh
+
+
 def _newton_on_face(hess, grad, free, r, dtype):
   """Newton step on the face `{s_i fixed for i not free, r . s fixed}`.
 
@@ -410,6 +421,20 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
   return s, info
 
 
+def _finish(w, info, present, zero_grad, use_zero, return_info):
+  """Simplex weights, or (where `use_zero`) uniform weights on the present
+  tasks with a zero gradient, whose direction 0 is then optimal (certified
+  by construction); 0 on absent tasks."""
+  dtype = w.dtype
+  uniform = zero_grad / jnp.maximum(jnp.sum(zero_grad), 1)
+  w = jnp.where(present, jnp.where(use_zero, uniform, w), 0.0).astype(dtype)
+  if not return_info:
+    return w
+  return w, info._replace(
+      residual=jnp.where(use_zero, 0.0, info.residual).astype(dtype),
+      converged=info.converged | use_zero)
+
+
 # --------------------------------------------------------------------------
 # Min-norm point on the simplex (MGDA).
 # --------------------------------------------------------------------------
@@ -450,12 +475,8 @@ def min_norm_simplex(m: jax.Array, present: jax.Array | None = None, *,
   c, n, nonzero = basis.cos, basis.norms, basis.nonzero
   dtype = c.dtype
   r = jnp.where(nonzero, 1.0 / n, 0.0)  # [K], in (0, 1]
-
-  def fgh(s):
-    cs = _mv(c, s)
-    return 0.5 * jnp.vdot(s, cs), cs, c, jnp.sum(jnp.abs(s))
-
-  problem = _Problem(fgh, jnp.zeros((k,), dtype), nonzero, r, quadratic=True)
+  problem = _Problem(_half_quadratic(c), jnp.zeros((k,), dtype), nonzero, r,
+                     quadratic=True)
   # The vertex of the shortest gradient (norm 1 in these units).
   first = jnp.argmin(jnp.where(nonzero, n, jnp.inf))
   s0 = jnp.where(jnp.arange(k) == first, n, 0.0).astype(dtype)
@@ -465,16 +486,8 @@ def min_norm_simplex(m: jax.Array, present: jax.Array | None = None, *,
   alpha = s * r
   alpha = alpha / jnp.maximum(jnp.sum(alpha), jnp.finfo(dtype).tiny)
   zero_grad = present & ~nonzero
-  has_zero = jnp.any(zero_grad)
-  alpha = jnp.where(has_zero, zero_grad / jnp.maximum(jnp.sum(zero_grad), 1),
-                    alpha).astype(dtype)
-  alpha = jnp.where(present, alpha, 0.0)
-  if return_info:
-    info = info._replace(
-        residual=jnp.where(has_zero, 0.0, info.residual).astype(dtype),
-        converged=info.converged | has_zero)
-    return alpha, info
-  return alpha
+  return _finish(alpha, info, present, zero_grad, jnp.any(zero_grad),
+                 return_info)
 
 
 # --------------------------------------------------------------------------
@@ -529,11 +542,7 @@ def project_to_dual_cone(v: jax.Array, m: jax.Array,
   t_scale = jnp.where(t_scale > 0, t_scale, 1.0)
   t = t / t_scale
 
-  def fgh(s):
-    cs = _mv(c, s)
-    return 0.5 * jnp.vdot(s, cs), cs, c, jnp.sum(jnp.abs(s))
-
-  problem = _Problem(fgh, t, nonzero, None, quadratic=True)
+  problem = _Problem(_half_quadratic(c), t, nonzero, None, quadratic=True)
   iters = 4 * k + 10 if max_iters is None else max_iters
   s, info = _active_set(problem, t, jnp.zeros((k,), bool), iters)
   w = jnp.where(nonzero, s * t_scale / n, v)
@@ -621,14 +630,7 @@ def cagrad_dual(m: jax.Array, present: jax.Array | None = None, *,
   zero_grad = present & ~nonzero
   f_opt = problem.fgh(s)[0]
   use_zero = jnp.any(zero_grad) & ((f_opt >= 0) | ~jnp.any(nonzero))
-  w = jnp.where(use_zero, zero_grad / jnp.maximum(jnp.sum(zero_grad), 1), w)
-  w = jnp.where(present, w, 0.0).astype(dtype)
-  if return_info:
-    info = info._replace(
-        residual=jnp.where(use_zero, 0.0, info.residual).astype(dtype),
-        converged=info.converged | use_zero)
-    return w, info
-  return w
+  return _finish(w, info, present, zero_grad, use_zero, return_info)
 
 
 # --------------------------------------------------------------------------
