@@ -460,7 +460,7 @@ def min_norm_simplex(m: jax.Array, present: jax.Array | None = None, *,
     m: `[K, K]` symmetric PSD Gram matrix, any scale, float32 or float64.
     present: `bool [K]` (default: all tasks present).
     max_iters: cap on active-set iterations (default `4 K + 10`; a solution
-      with support S takes about `2 |S|`).
+      with support S takes about `|S|` plus one per bound it meets).
     return_info: also return the `SolverInfo`.
 
   Returns:
