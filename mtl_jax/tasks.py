@@ -6,7 +6,7 @@ predicts it (its output shape), its masked loss and metrics, and its static weig
 A `TaskSet` is an ordered, immutable collection of tasks; the order fixes the task
 axis `[K]` used by weighting and aggregation methods.
 
-Batches follow the DESIGN.md contract:
+Batches follow the batch contract of docs/design.md:
 
   {"inputs": [B, ...],
    "labels": {task: [B, *label_shape]},   # zeros where the example has no label

@@ -62,8 +62,8 @@ def hash_uniforms(rng: jax.Array, shape: Sequence[int],
   A counter-based generator: two 32-bit words drawn from `rng` (threefry)
   key two rounds of MurmurHash3's finalizer over the coordinate index. One
   fused elementwise pass, where `jax.random.uniform` runs threefry's 20
-  rounds per pair of draws (on 2 CPU cores, 4 ms for GradDrop's 0.8 M
-  draws per step, a third of an equal-weighting step). Good enough for
+  rounds per pair of draws, a sizeable share of a train step for a model's
+  worth of coordinates. Good enough for
   coin flips (tested for uniformity and independence across coordinates
   and keys), not for cryptography.
   """
@@ -135,9 +135,9 @@ def sign_dropout(grads: jax.Array, present: jax.Array, uniforms: jax.Array,
   # The last sum is a matrix-vector product: it bounds the fusion, so the
   # pass over [K, P] runs once, in the rows' own layout. Fused into the
   # optimizer's update instead (an elementwise sum, or behind
-  # lax.optimization_barrier, which XLA's CPU pipeline drops), it ran once
-  # per consumer and read the kernels' rows transposed (5x slower in the
-  # train step).
+  # lax.optimization_barrier, which XLA's CPU pipeline drops), it would run
+  # once per consumer and read the kernels' rows transposed, several times
+  # slower in the train step.
   return jnp.matmul(jnp.ones((2,), g.dtype), jnp.stack([kept_pos, kept_neg]),
                     precision=_HIGHEST)
 

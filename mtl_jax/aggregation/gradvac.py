@@ -147,7 +147,7 @@ def gradvac(beta: float = 0.5) -> Aggregator:
       raise ValueError(f"gradvac state is for {state.phi_hat.shape[0]} tasks, "
                        f"grads for {num_tasks}")
     present = present_mask(counts, num_tasks)  # [K]
-    # The plain Gram matrix G G^T, as `update` has always used it: the result
+    # The plain Gram matrix G G^T, not the scaled one: the result
     # depends on it only up to a positive factor, but where G G^T overflows
     # (|g| >~ 1e19) or underflows no gradient is adjusted. Multiplying by s
     # twice overflows only where G G^T does.

@@ -108,7 +108,7 @@ def pcgrad() -> Aggregator:
       raise ValueError("pcgrad needs an rng key (random projection orders)")
     num_tasks = gram_matrix.shape[0]
     present = present_mask(counts, num_tasks)  # [K]
-    # The plain Gram matrix G G^T, as `update` has always used it: the result
+    # The plain Gram matrix G G^T, not the scaled one: the result
     # depends on it only up to a positive factor, but where G G^T overflows
     # (|g| >~ 1e19) or underflows no projection is made. Multiplying by s
     # twice overflows only where G G^T does.

@@ -2,8 +2,8 @@
 
 In multi-task learning each supervised task often has its own, small labelled
 dataset, while unlabelled data of the same modality is plentiful. A `Mixture`
-turns such sources into one stream of fixed-shape batches in the DESIGN.md
-format: every batch has a label and a mask for every task, and an example
+turns such sources into one stream of fixed-shape batches in the batch format
+of docs/design.md: every batch has a label and a mask for every task, and an example
 carries mask 1 only for the tasks its source labels (the others are filled with
 zeros and mask 0).
 

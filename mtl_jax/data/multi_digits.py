@@ -22,7 +22,7 @@ Two ways in:
     "small", array_record files, no TensorFlow needed): `prepare(data_dir)`
     once, then `load_split(split, data_dir=...)` reads a whole split.
 
-`to_batch_arrays` converts a split into the batch format of DESIGN.md (inputs,
+`to_batch_arrays` converts a split into the batch format of docs/design.md (inputs,
 labels zeroed where unlabelled, masks). Partial labels, the unlabelled pool and
 the batch stream come from the generic machinery in `mtl_jax.data.mixture`;
 `mtl_jax.data.catalog.multi_digits` exposes the splits as mixture components.
@@ -421,7 +421,7 @@ def load_or_prepare(split: str, *, data_dir: str,
 def to_batch_arrays(examples: Mapping[str, np.ndarray],
                     masks: Mapping[str, np.ndarray] | None,
                     tasks: Sequence[str]) -> dict:
-  """Converts a whole split into the DESIGN.md batch format.
+  """Converts a whole split into the batch format of docs/design.md.
 
   Labels of examples whose mask is 0 are set to zero, so a label can never
   reach a loss through a path that forgets the mask.

@@ -259,8 +259,7 @@ def _kernel_gram(a: jax.Array, d: jax.Array, chunk_size: int | None = None
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   # Columns per block: out C / K, rounded up to a multiple of _BLOCK_ALIGN
-  # (narrow blocks make poor GEMMs: K=40, C=4 took 123 ms with blocks of 26
-  # columns and 103 ms with 32 on 2 CPU cores).
+  # (narrow blocks make poor GEMMs).
   width = -(-out // -(-k // chunk_size))
   width = min(out, -(-width // _BLOCK_ALIGN) * _BLOCK_ALIGN)
   num_blocks = -(-out // width)
@@ -422,8 +421,7 @@ def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
   rows: the multiply-adds of the batched VJP's weight gradients, but with
   `A^T` transposed once (not each `D_k`) and the rows in the kernel's own
   layout `[K, in, out]`, so a columnwise consumer reads them without a copy
-  and writes its direction without a transpose (on 2 CPU cores GradDrop's
-  step went from 3.0x to 2.4x equal weighting at K = 4).
+  and writes its direction without a transpose.
 
   Returns a pytree shaped like `params["shared"]` with a leading task axis.
   """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -66,5 +66,3 @@ def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:
                      "params as {'shared': ..., 'tasks': {task: ...}}")
   return params
 
-
-ApplyFn = Callable[..., Any]

@@ -138,8 +138,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       the shared params (needs an aggregator with `rep_grad_ok`).
     chunk_size: map the per-task VJP over chunks of this many tasks (the
       factored Gram products are bounded to the same memory); None: one vmap
-      over all tasks. Besides bounding memory it can be faster: on 2 CPU
-      cores chunks of 4 were fastest from K=8 on (docs/benchmarks.md).
+      over all tasks. Besides bounding memory it can be faster for many
+      tasks (measurements in docs/benchmarks.md).
     jacobian: how an aggregator gets the per-task gradients of the shared
       params. "auto": factored (`mtl_jax.training.gram`): for a Gram-based
       aggregator (`aggregator.from_gram`) the Gram matrix comes from the
