@@ -1,13 +1,125 @@
 """mtl_jax: a JAX/Flax library for multi-task learning.
 
-Layout (one concept per module):
-  losses.py    masked losses: (prediction, label, mask) -> (loss_sum, count)
-  metrics.py   masked metrics as summable sufficient statistics
-  tasks.py     the Task spec, the task set, batch validation, per-task losses
-  models/      trunks, heads and multi-task architectures
-  weighting/   loss-level task weighting
-  data/        the embedded multi_digits dataset and deterministic batching
-  training/    TrainState, pure train/eval steps, loop, checkpoints, metric writers
+`import mtl_jax as mtl` gives the subpackages and the most-used callables
+(re-exported under their own names; nothing here wraps them):
+
+  tasks        the Task spec and TaskSet (batch contract, masked per-task losses)
+               mtl.Task, mtl.TaskSet, mtl.classification_task,
+               mtl.multilabel_task, mtl.regression_task
+  losses       masked losses: (prediction, label, mask) -> (loss_sum, count)
+  metrics      masked metrics as summable sufficient statistics
+  models       trunks, heads and multi-task architectures (`models.build`)
+               mtl.make_trunk, mtl.make_model, mtl.make_hard_sharing_model,
+               mtl.TRUNKS, mtl.ARCHITECTURES
+  weighting    loss-level task weighting
+               mtl.get_weighting, mtl.WEIGHTINGS, mtl.Weighting
+  aggregation  gradient-level aggregation of per-task gradients
+               mtl.get_aggregator, mtl.AGGREGATORS, mtl.Aggregator
+  training     TrainState, the pure train/eval steps (`training.step`,
+               `training.state`), the NaN/Inf guard (`training.guard`); the
+               loop, checkpoints and writers are imported on demand
+               (`import mtl_jax.training.loop`)
+               mtl.TrainState, mtl.init_params, mtl.create_train_state,
+               mtl.make_train_step, mtl.make_eval_step, mtl.accumulate,
+               mtl.finalize, mtl.skip_nonfinite
+  data         sources, task mixtures and evaluation streams (`data.mixture`,
+               `data.sources`, `data.pipeline`), and the embedded
+               multi_digits dataset and TFDS catalog (imported on demand)
+               mtl.Mixture, mtl.EvalStream, mtl.Component,
+               mtl.array_component, mtl.mixing_rates, mtl.ArraySource
+
+`data` and its names are loaded on first use (they import TFDS's reader), so
+`import mtl_jax` costs JAX, Flax and optax only. The README's "Library
+quick-start" shows a whole training loop with these names.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mtl_jax import aggregation
+from mtl_jax import losses
+from mtl_jax import metrics
+from mtl_jax import models
+from mtl_jax import tasks
+from mtl_jax import training
+from mtl_jax import weighting
+from mtl_jax.aggregation import AGGREGATORS
+from mtl_jax.aggregation import Aggregator
+from mtl_jax.aggregation import get_aggregator
+from mtl_jax.models.build import ARCHITECTURES
+from mtl_jax.models.build import TRUNKS
+from mtl_jax.models.build import make_hard_sharing_model
+from mtl_jax.models.build import make_model
+from mtl_jax.models.build import make_trunk
+from mtl_jax.tasks import Task
+from mtl_jax.tasks import TaskSet
+from mtl_jax.tasks import classification_task
+from mtl_jax.tasks import multilabel_task
+from mtl_jax.tasks import regression_task
+from mtl_jax.training.guard import skip_nonfinite
+from mtl_jax.training.state import TrainState
+from mtl_jax.training.state import create_train_state
+from mtl_jax.training.state import init_params
+from mtl_jax.training.step import accumulate
+from mtl_jax.training.step import finalize
+from mtl_jax.training.step import make_eval_step
+from mtl_jax.training.step import make_train_step
+from mtl_jax.weighting import WEIGHTINGS
+from mtl_jax.weighting import Weighting
+from mtl_jax.weighting import get_weighting
+
 __version__ = "0.1.0"
+
+# Loaded on first attribute access: name -> (module, attribute or None for
+# the module itself). `data` brings its in-memory pipeline modules with it.
+_DATA_MODULES = ("mtl_jax.data.sources", "mtl_jax.data.mixture",
+                 "mtl_jax.data.pipeline")
+_LAZY = {
+    "data": ("mtl_jax.data", None),
+    "Mixture": ("mtl_jax.data.mixture", "Mixture"),
+    "EvalStream": ("mtl_jax.data.mixture", "EvalStream"),
+    "Component": ("mtl_jax.data.mixture", "Component"),
+    "array_component": ("mtl_jax.data.mixture", "array_component"),
+    "mixing_rates": ("mtl_jax.data.mixture", "mixing_rates"),
+    "ArraySource": ("mtl_jax.data.sources", "ArraySource"),
+}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _LAZY:
+    raise AttributeError(f"module 'mtl_jax' has no attribute {name!r}")
+  for module in _DATA_MODULES:
+    importlib.import_module(module)
+  module_name, attr = _LAZY[name]
+  module = importlib.import_module(module_name)
+  value = module if attr is None else getattr(module, attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    # Subpackages and modules.
+    "aggregation", "data", "losses", "metrics", "models", "tasks", "training",
+    "weighting",
+    # Tasks.
+    "Task", "TaskSet", "classification_task", "multilabel_task",
+    "regression_task",
+    # Models.
+    "ARCHITECTURES", "TRUNKS", "make_hard_sharing_model", "make_model",
+    "make_trunk",
+    # Weighting and aggregation.
+    "AGGREGATORS", "Aggregator", "WEIGHTINGS", "Weighting", "get_aggregator",
+    "get_weighting",
+    # Training.
+    "TrainState", "accumulate", "create_train_state", "finalize",
+    "init_params", "make_eval_step", "make_train_step", "skip_nonfinite",
+    # Data (loaded on first use).
+    "ArraySource", "Component", "EvalStream", "Mixture", "array_component",
+    "mixing_rates",
+]
