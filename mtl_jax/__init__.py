@@ -22,15 +22,16 @@
                mtl.TrainState, mtl.init_params, mtl.create_train_state,
                mtl.make_train_step, mtl.make_eval_step, mtl.accumulate,
                mtl.finalize, mtl.skip_nonfinite
-  data         sources, task mixtures and evaluation streams (`data.mixture`,
-               `data.sources`, `data.pipeline`), and the embedded
-               multi_digits dataset and TFDS catalog (imported on demand)
+  data         sources, task mixtures and evaluation streams, the embedded
+               multi_digits dataset and the TFDS catalog; as the package says,
+               its modules are imported explicitly
+               (`from mtl_jax.data import mixture`)
                mtl.Mixture, mtl.EvalStream, mtl.Component,
                mtl.array_component, mtl.mixing_rates, mtl.ArraySource
 
-`data` and its names are loaded on first use (they import TFDS's reader), so
-`import mtl_jax` costs JAX, Flax and optax only. The README's "Library
-quick-start" shows a whole training loop with these names.
+The data names above are loaded on first use (their modules import TFDS's
+reader), so `import mtl_jax` costs JAX, Flax and optax only. The README's
+"Library quick-start" shows a whole training loop with these names.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import importlib
 from typing import Any
 
 from mtl_jax import aggregation
+from mtl_jax import data
 from mtl_jax import losses
 from mtl_jax import metrics
 from mtl_jax import models
@@ -72,12 +74,8 @@ from mtl_jax.weighting import get_weighting
 
 __version__ = "0.1.0"
 
-# Loaded on first attribute access: name -> (module, attribute or None for
-# the module itself). `data` brings its in-memory pipeline modules with it.
-_DATA_MODULES = ("mtl_jax.data.sources", "mtl_jax.data.mixture",
-                 "mtl_jax.data.pipeline")
+# Loaded on first attribute access (PEP 562): name -> (module, attribute).
 _LAZY = {
-    "data": ("mtl_jax.data", None),
     "Mixture": ("mtl_jax.data.mixture", "Mixture"),
     "EvalStream": ("mtl_jax.data.mixture", "EvalStream"),
     "Component": ("mtl_jax.data.mixture", "Component"),
@@ -90,11 +88,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
   if name not in _LAZY:
     raise AttributeError(f"module 'mtl_jax' has no attribute {name!r}")
-  for module in _DATA_MODULES:
-    importlib.import_module(module)
   module_name, attr = _LAZY[name]
-  module = importlib.import_module(module_name)
-  value = module if attr is None else getattr(module, attr)
+  value = getattr(importlib.import_module(module_name), attr)
   globals()[name] = value
   return value
 
