@@ -215,20 +215,33 @@ def scaled_gram(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
     `[K, K]` and the scalar `s`, in `float_dtype(grads)`.
   """
   dtype = float_dtype(grads)
-  plain = gram(grads).astype(dtype)
+
+  def rescaled():
+    s = power_of_two_scale(grads)
+    return gram(grads / s.astype(grads.dtype)).astype(dtype), s
+
+  return scale_gram(gram(grads).astype(dtype), rescaled)
+
+
+def scale_gram(plain: jax.Array, rescaled: Callable[[], tuple[jax.Array,
+                                                              jax.Array]]
+               ) -> tuple[jax.Array, jax.Array]:
+  """`(plain / s^2, s)` with `s` a power of two from the largest diagonal
+  entry, when `plain` is finite and that entry is far from underflow;
+  otherwise `rescaled()`, which recomputes the Gram matrix of the rows divided
+  by a power of two that keeps it in range (see `scaled_gram`). One rule for
+  every producer of Gram matrices: the `[K, P]` rows here, the factored
+  engine's per-layer terms in `mtl_jax.training.gram`.
+  """
   diag_max = jnp.max(jnp.diagonal(plain))
   safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
 
   def fast(_):
     _, exponent = jnp.frexp(jnp.sqrt(diag_max))
-    s = jnp.ldexp(jnp.ones((), dtype), exponent - 1)
+    s = jnp.ldexp(jnp.ones((), plain.dtype), exponent - 1)
     return plain / (s * s), s
 
-  def rescaled(_):
-    s = power_of_two_scale(grads)
-    return gram(grads / s.astype(grads.dtype)).astype(dtype), s
-
-  return jax.lax.cond(safe, fast, rescaled, None)
+  return jax.lax.cond(safe, fast, lambda _: rescaled(), None)
 
 
 def _to_row_layout(x: jax.Array) -> jax.Array:

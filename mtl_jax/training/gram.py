@@ -358,10 +358,10 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
                 ) -> tuple[jax.Array, jax.Array]:
   """`(gram(rows / s), s)` of the rows `task_scale[k] * grad L_k`.
 
-  Like `aggregation.base.scaled_gram`: the plain Gram matrix when it is finite
-  and its diagonal far from underflow (s from the diagonal), otherwise every
-  term is recomputed from factors rescaled by one common power of two. Rows
-  and columns of absent tasks are zero.
+  The rule of `aggregation.base.scale_gram`: the plain Gram matrix when it is
+  finite and its diagonal far from underflow (s from the diagonal), otherwise
+  every term is recomputed from factors rescaled by one common power of two.
+  Rows and columns of absent tasks are zero.
 
   Args:
     fj: the factored per-task gradients of this device's rows.
@@ -378,19 +378,11 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
   task_scale = jnp.where(present, task_scale, 0.0).astype(jnp.float32)
   mask = present[:, None] & present[None, :]
   terms = _terms(fj, acts, deltas, leaves, chunk_size)
-  one = jnp.float32(1.0)
   # The rows' weights multiply the [K, K] matrix, not the [K, N, out] factors.
   plain = jnp.where(mask, jnp.outer(task_scale, task_scale) *
                     sum(t.plain() for t in terms), 0.0)
-  diag_max = jnp.max(jnp.diagonal(plain))
-  safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
 
-  def fast(_):
-    _, exponent = jnp.frexp(jnp.sqrt(diag_max))
-    s = jnp.ldexp(one, exponent - 1)
-    return plain / (s * s), s
-
-  def rescaled(_):
+  def rescaled():
     # A term whose factors are at most c_t contributes (c_t / s)^2 times a
     # Gram matrix of O(1) entries; with s = max_t c_t nothing overflows. The
     # weights are brought to [1, 2) by their own power of two.
@@ -401,7 +393,7 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
     g = jnp.outer(w, w) * sum(fn(s) for _, fn in parts)
     return jnp.where(mask, g, 0.0), s * s_w
 
-  return jax.lax.cond(safe, fast, rescaled, None)
+  return base.scale_gram(plain, rescaled)
 
 
 def _kernel_rows(a: jax.Array, d: jax.Array) -> jax.Array:
