@@ -631,7 +631,7 @@ def test_aggregator_absent_task_equals_dropping_it(name, present_grads, scale,
 @hypothesis.given(g=unit_rows((2, P)), scale=st.sampled_from(SCALES),
                   zero_row=st.integers(0, 2))
 def test_mgda_of_a_present_zero_row_is_zero(g, scale, zero_row):
-  """DESIGN.md: "MGDA of a zero row is zero" (0 is in the convex hull)."""
+  """A present zero row puts 0 in the convex hull: MGDA's direction is zero."""
   grads = np.insert((g * np.float32(scale)).astype(np.float32), zero_row,
                     0.0, axis=0)
   direction, _ = aggregate("mgda", grads)
