@@ -252,17 +252,17 @@ def test_closed_form_certificates_by_hand():
   g = np.array([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [0.0, 0.0, 1.0]])
   m = jnp.asarray(g @ g.T, jnp.float32)
   present = jnp.ones(3, bool)
-  w, info = config_weights(m, present, return_info=True)
+  w, info = _CLOSED_FORMS["config"][0](m, present)
   np.testing.assert_allclose(np.asarray(w) @ g, [0.0, 0.0, 1.0], atol=1e-6)
   np.testing.assert_allclose(float(info.residual), 1.0, rtol=1e-6)
   assert not bool(info.converged)
-  w, info = imtl_g_weights(m, present, return_info=True)
+  w, info = _CLOSED_FORMS["imtl_g"][0](m, present)
   np.testing.assert_allclose(np.asarray(w), [0.5, 0.5, 0.0], atol=1e-6)
   assert bool(info.converged) and float(info.residual) < 1e-6
   # Aligned-MTL of orthogonal gradients: B G has rows of length
   # sqrt(lambda_min) = 1 exactly.
   g = np.diag([1.0, 2.0, 4.0])
-  w, info = aligned_mtl_weights(
-      jnp.asarray(g @ g.T, jnp.float32), present, return_info=True)
+  w, info = _CLOSED_FORMS["aligned_mtl"][0](
+      jnp.asarray(g @ g.T, jnp.float32), present)
   np.testing.assert_allclose(np.asarray(w), [1.0, 0.5, 0.25], rtol=1e-6)
   assert bool(info.converged) and float(info.residual) < 1e-6

@@ -335,21 +335,20 @@ def test_dtype_follows_the_gram_matrix_under_x64():
   # loops' carries used to mix dtypes and fail to trace) and in float32 for
   # float32 input, with the same answer up to float32 rounding.
   g = _spread_rows(3, [0.5, 2.0, 30.0], shared=True)
-  fns = {
-      "min_norm": lambda m: solvers.min_norm_simplex(m),
-      "cagrad": lambda m: cagrad_weights(m),
-      "dual_cone": lambda m: solvers.project_to_dual_cone(
-          jnp.full((3,), 1.0 / 3, m.dtype), m),
-      "nash": lambda m: solvers.nash_bargaining(m),
-  }
-  expected = {name: np.asarray(jax.jit(fn)(jnp.asarray(g @ g.T, jnp.float32)))
-              for name, fn in fns.items()}
+  names = ("min_norm", "cagrad", "dual_cone", "nash")
+
+  @jax.jit
+  def solve_all(m):  # one compilation per dtype for the four solvers
+    v = jnp.full((3,), 1.0 / 3, m.dtype)
+    return (solvers.min_norm_simplex(m), cagrad_weights(m),
+            solvers.project_to_dual_cone(v, m), solvers.nash_bargaining(m))
+
+  expected = solve_all(jnp.asarray(g @ g.T, jnp.float32))
   with jax.enable_x64(True):
     for dtype in (jnp.float32, jnp.float64):
-      m = jnp.asarray(g @ g.T, dtype)
-      for name, fn in fns.items():
-        got = jax.jit(fn)(m)
+      for name, got, want in zip(names, solve_all(jnp.asarray(g @ g.T, dtype)),
+                                 expected):
         assert got.dtype == dtype, (name, got.dtype)
         np.testing.assert_allclose(np.asarray(got, np.float64),
-                                   expected[name], rtol=2e-5, atol=1e-7,
-                                   err_msg=name)
+                                   np.asarray(want, np.float64), rtol=2e-5,
+                                   atol=1e-7, err_msg=name)
