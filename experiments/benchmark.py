@@ -201,16 +201,15 @@ def synthetic_batch(tasks: tasks_lib.TaskSet, input_shape: Sequence[int],
           "masks": {t.name: np.ones(batch_size, np.float32) for t in tasks}}
 
 
-def make_method(method: str, num_tasks: int, *, rep_grad: bool
+def make_method(method: str, *, rep_grad: bool
                 ) -> tuple[weighting_lib.Weighting,
                            aggregation.Aggregator | None, bool]:
   """`(weighting, aggregator, rep_grad)` of a framework method name."""
   if method == EW:
-    equal = weighting_lib.get_weighting("equal", num_tasks=num_tasks)
-    return equal, None, False
+    return weighting_lib.get_weighting("equal"), None, False
   if method in aggregation.AGGREGATORS:
     agg = aggregation.get_aggregator(method)
-    return (weighting_lib.get_weighting("equal", num_tasks=num_tasks), agg,
+    return (weighting_lib.get_weighting("equal"), agg,
             rep_grad and agg.rep_grad_ok)
   return weighting_lib.get_weighting(method), None, False
 
@@ -256,7 +255,7 @@ def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
                            seed: int, jacobian: str = "auto"
                            ) -> tuple[Compiled, bool]:
   """The library's train step of `method`; returns it and its rep_grad."""
-  weighting, agg, rep = make_method(method, len(tasks), rep_grad=rep_grad)
+  weighting, agg, rep = make_method(method, rep_grad=rep_grad)
   tx = optax.adam(learning_rate)
   params = state_lib.init_params(model, batch["inputs"][:1],
                                  jax.random.PRNGKey(seed))

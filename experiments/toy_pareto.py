@@ -123,10 +123,7 @@ def _direction_fn(name: str, weighting_kwargs: dict[str, Any] | None = None
 
     return (lambda: agg.init(2)), update, None
   if name in weighting.WEIGHTINGS:
-    kwargs = dict(weighting_kwargs or {})
-    if name == "equal":
-      kwargs["num_tasks"] = 2
-    w = weighting.get_weighting(name, **kwargs)
+    w = weighting.get_weighting(name, **dict(weighting_kwargs or {}))
 
     def update_w(g, losses, state, rng):
       weights, state = w.update(losses, counts, state, rng=rng,

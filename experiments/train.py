@@ -288,8 +288,6 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                    "weighting")
   if config.weighting.name == "static":
     w_kwargs["weights"] = tasks.static_weights
-  elif config.weighting.name == "equal":
-    w_kwargs["num_tasks"] = len(tasks)
   weighting = weighting_lib.get_weighting(config.weighting.name, **w_kwargs)
   aggregator = None
   if config.aggregation.name != "none":

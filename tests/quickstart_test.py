@@ -119,13 +119,17 @@ def test_public_api_names():
 
 
 def test_import_does_not_load_tfds_or_matplotlib():
-  """`import mtl_jax` costs JAX, Flax and optax; data is loaded on first use."""
+  """`import mtl_jax` costs JAX, Flax and optax; data is loaded on first use,
+  as a top-level name or as a submodule attribute (`mtl.data.mixture`)."""
   code = ("import sys, mtl_jax as mtl\n"
           "heavy = ('tensorflow_datasets', 'tensorflow', 'matplotlib', 'orbax')\n"
           "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
-          "mtl.Mixture\n"
-          "print('tensorflow_datasets' in sys.modules)\n")
+          "mixture = mtl.data.mixture\n"
+          "print('tensorflow_datasets' in sys.modules)\n"
+          "print(mixture.Mixture is mtl.Mixture)\n")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
                        capture_output=True, text=True, check=True, timeout=120)
-  assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout + out.stderr
+  assert out.stdout.split("\n")[:3] == ["[]", "True", "True"], (
+      out.stdout + out.stderr)
+

@@ -22,6 +22,18 @@ def test_equal_is_ones():
   np.testing.assert_array_equal(weights, np.ones(4))
 
 
+def test_equal_needs_no_task_count():
+  w = weighting.get_weighting("equal")
+  for k in (1, 3):
+    weights, state = w.update(jnp.arange(k, dtype=jnp.float32),
+                              jnp.zeros(k), w.init(k))
+    np.testing.assert_array_equal(weights, np.ones(k))
+    assert state == w.init(k)
+  # With a count, a wrong number of tasks is an error, as for `static`.
+  with pytest.raises(ValueError, match="3 weights for 2 tasks"):
+    weighting.equal(3).init(2)
+
+
 def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="unknown weighting method 'nope'; valid: dwa, equal, famo, gls, gradnorm, imtl_l, rlw, static, uncertainty"):
     weighting.get_weighting("nope")

@@ -41,6 +41,23 @@ def static(weights: Sequence[float]) -> Weighting:
   return Weighting(init, update)
 
 
-def equal(num_tasks: int) -> Weighting:
-  """Equal weighting (weight 1 per task), the default of the literature."""
-  return static([1.0] * num_tasks)
+def equal(num_tasks: int | None = None) -> Weighting:
+  """Equal weighting (weight 1 per task), the default of the literature.
+
+  Args:
+    num_tasks: optional; when given, `init` checks the number of tasks
+      against it. Without it the weights are ones of the losses' shape, for
+      any number of tasks.
+  """
+  if num_tasks is not None:
+    return static([1.0] * num_tasks)
+
+  def init(num_tasks: int) -> StaticState:
+    del num_tasks
+    return StaticState()
+
+  def update(losses, counts, state, *, rng=None, grad_norms=None):
+    del counts, rng, grad_norms
+    return jnp.ones(jnp.shape(losses), jnp.float32), state
+
+  return Weighting(init, update)
