@@ -8,7 +8,7 @@ WORKDIR ?= runs/multi_digits
 DATA_DIR ?= data/tfds
 PYTEST_ARGS ?=
 
-.PHONY: run test venv clean
+.PHONY: run test test-quick venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+# Everything but the tests that launch processes (marked `slow`).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,6 +27,7 @@ def _main(*args: str) -> list[dict]:
   return benchmark.run()
 
 
+@pytest.mark.slow
 def test_script_exits_with_status_0():
   # app.run exits with main's return value: a list of rows would print to
   # stderr and exit with status 1.

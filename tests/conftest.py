@@ -19,6 +19,13 @@ from mtl_jax.data import multi_digits  # pylint: disable=g-import-not-at-top,wro
 
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: launches processes (multi-host, crash and signal "
+      "tests, a script's exit status); `make test` runs them, "
+      "`pytest -m \"not slow\"` skips them for a quick run.")
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds_small"))

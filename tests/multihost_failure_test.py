@@ -7,6 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+# Launches processes and kills one: run with `make test`, skipped by
+# `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

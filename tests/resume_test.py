@@ -158,6 +158,7 @@ def _assert_same_as(workdir, uninterrupted):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(
     small_data_dir, tmp_path, env, uninterrupted):
   for attempt in range(3):  # retried only if the run ended before the kill
@@ -181,6 +182,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(
   _assert_same_as(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_reached_step_exits_143_and_resumes(
     small_data_dir, tmp_path, env, uninterrupted):
   for attempt in range(3):  # retried only if the run ended before the signal

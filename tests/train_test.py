@@ -252,6 +252,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device(small_data_dir, tmp_path,
                                         one_device_runs):
   """2 local processes x 2 CPU devices (gloo collectives) = the one-device run."""
