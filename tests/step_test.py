@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from mtl_jax import aggregation
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
 from mtl_jax.data import mixture
@@ -166,6 +167,34 @@ def test_prediction_shape_mismatch_is_a_clear_error():
                                           weighting.static([1.0, 1.0])))
   with pytest.raises(ValueError, match=r"task 'cls': prediction shape \(8, 3\)"):
     step(state, _batch())
+
+
+def test_state_made_with_other_methods_is_a_clear_error():
+  model, tx = _model(), optax.sgd(0.1)
+  state = _state(model, tx)  # no aggregator, static weights, sgd
+  cases = [
+      (dict(aggregator=aggregation.get_aggregator("gradvac")),
+       "aggregation_state does not match the step's aggregator"),
+      # A stateless aggregator too: the state holds () where the step
+      # expects the aggregator's EmptyState.
+      (dict(aggregator=aggregation.get_aggregator("mgda")),
+       "aggregation_state does not match the step's aggregator"),
+      (dict(optimizer=optax.adam(0.1)),
+       "opt_state does not match the step's optimizer"),
+      (dict(weighting_=weighting.get_weighting("uncertainty")),
+       "weighting_state does not match the step's weighting"),
+  ]
+  for kwargs, message in cases:
+    step_tx = kwargs.pop("optimizer", tx)
+    w = kwargs.pop("weighting_", weighting.static([1.0, 1.0]))
+    step = jax.jit(step_lib.make_train_step(model.apply, TASKS, step_tx, w,
+                                            **kwargs))
+    with pytest.raises(ValueError, match=message):
+      step(state, _batch())
+  # The matching step runs.
+  step = jax.jit(step_lib.make_train_step(model.apply, TASKS, tx,
+                                          weighting.static([1.0, 1.0])))
+  assert int(step(state, _batch())[0].step) == 1
 
 
 def test_evaluation_counts_only_labelled_examples():

@@ -109,6 +109,45 @@ def two_stage_heads(apply_fn: Callable[..., Any],
           and not pass_task_presence)
 
 
+def check_state_matches(state: TrainState,
+                        optimizer: optax.GradientTransformation,
+                        weighting: Weighting, aggregator: Aggregator | None,
+                        num_tasks: int) -> None:
+  """Raises if `state` was not created with this step's methods.
+
+  The weighting, the aggregator and the optimizer are given both to
+  `create_train_state` and to `make_train_step`; a state made with other ones
+  would otherwise fail deep inside a method (or, for two stateless methods,
+  run silently with the wrong one's state). Compares pytree structures and
+  leaf shapes, abstractly (`jax.eval_shape`), when the step is traced.
+
+  Raises:
+    ValueError: naming the part of the state that does not match.
+  """
+  expected = {
+      "weighting_state": (state.weighting_state,
+                          lambda: weighting.init(num_tasks), "weighting"),
+      "aggregation_state": (state.aggregation_state,
+                            lambda: aggregator.init(num_tasks)
+                            if aggregator else (), "aggregator"),
+      "opt_state": (state.opt_state, lambda: optimizer.init(state.params),
+                    "optimizer"),
+  }
+  def layout(tree):
+    return (jax.tree.structure(tree),
+            [tuple(jnp.shape(x)) for x in jax.tree.leaves(tree)])
+
+  for field, (got, init, what) in expected.items():
+    want = layout(jax.eval_shape(init))
+    if layout(got) != want:
+      raise ValueError(
+          f"state.{field} does not match the step's {what}: the state was "
+          f"created with another {what} (or another number of tasks); pass "
+          f"the same weighting, aggregator and optimizer to "
+          f"create_train_state and make_train_step (state: {layout(got)}, "
+          f"step: {want})")
+
+
 def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     optimizer: optax.GradientTransformation,
                     weighting: Weighting, *,
@@ -435,6 +474,7 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     return psum(gram_lib.combine(jac, coeffs)), aggregation_state
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    check_state_matches(state, optimizer, weighting, aggregator, num_tasks)
     base_key = jax.random.fold_in(state.rng, state.step)
     # Weighting and aggregation see the same key on every device (they act on
     # psum-ed, identical values); dropout draws per-device masks under pmap.
