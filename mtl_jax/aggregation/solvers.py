@@ -250,7 +250,7 @@ def _newton_on_face(hess, grad, free, r, dtype):
   all with one LU factorisation.
 
   Returns:
-    `(step [K], nu [])`; `nu` is the multiplier of `r` (0 without `r`).
+    `step [K]` (zero on fixed coordinates).
   """
   k = grad.shape[0]
   ff = free[:, None] & free[None, :]
@@ -276,9 +276,7 @@ def _newton_on_face(hess, grad, free, r, dtype):
   x = jsl.lu_solve(lu, b)
   for _ in range(3):
     x = x + jsl.lu_solve(lu, b - _mv(a, x))
-  step = jnp.where(free, x[:k], 0.0)
-  nu = jnp.zeros((), dtype) if r is None else x[k]
-  return step, nu
+  return jnp.where(free, x[:k], 0.0)
 
 
 def _multipliers(grad, nu, problem):
@@ -384,7 +382,7 @@ def _active_set(problem: _Problem, s0: jax.Array, free0: jax.Array,
   def body(carry):
     i, s, free, face_opt, _ = carry
     f, grad, hess, scale = problem.fgh(s)
-    step, _ = _newton_on_face(hess, grad, free, problem.r, dtype)
+    step = _newton_on_face(hess, grad, free, problem.r, dtype)
     # Face optimal: after a stalled line search, or once the Newton decrement
     # is far below f's rounding level (Newton converges quadratically: one
     # more step would be at rounding).

@@ -99,10 +99,11 @@ def test_rep_grad_ok():
 
 
 def test_task_order_does_not_matter_when_norms_differ():
-  # Norms 1e-2, 1, 1e2: with task 1 as the reference of the paper's closed
-  # form the small singular values were cut and two orders of the same tasks
-  # gave opposite directions (cosine -0.9996). The direction must be the
-  # same, and its projections on the unit gradients equal.
+  # Norms 1e-2, 1, 1e2: solving the paper's closed form (task 1 as the
+  # reference) with a relative cutoff drops a real singular value, and two
+  # orders of the same tasks give opposite directions (cosine -0.9996). The
+  # direction must be the same, and its projections on the unit gradients
+  # equal.
   rng = np.random.default_rng(278)
   g = rng.normal(size=(3, 4))
   g = g / np.linalg.norm(g, axis=1, keepdims=True) * np.array(

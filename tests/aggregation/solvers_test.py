@@ -314,8 +314,9 @@ def test_min_norm_keeps_the_small_weight_of_a_large_gradient():
 
 
 def test_cagrad_weights_stay_on_the_simplex_at_extreme_spreads():
-  # Norms 1, 1e6, 1e12 with a shared component: the first-order solver used
-  # to return its momentum point, e.g. [0.503, 0.503, -0.006].
+  # Norms 1, 1e6, 1e12 with a shared component: a first-order solver that
+  # returns its momentum point when no step passes its curvature test gives
+  # weights off the simplex here, e.g. [0.503, 0.503, -0.006].
   weights = jax.jit(cagrad_weights)
   for seed in range(1, 6):
     g = _spread_rows(seed, [1.0, 1e6, 1e12], shared=True)
@@ -331,9 +332,9 @@ def test_cagrad_weights_stay_on_the_simplex_at_extreme_spreads():
 
 
 def test_dtype_follows_the_gram_matrix_under_x64():
-  # With jax_enable_x64 every solver runs in float64 for float64 input (the
-  # loops' carries used to mix dtypes and fail to trace) and in float32 for
-  # float32 input, with the same answer up to float32 rounding.
+  # With jax_enable_x64 every solver runs in float64 for float64 input (every
+  # loop carry keeps the input's dtype, or the loops fail to trace) and in
+  # float32 for float32 input, with the same answer up to float32 rounding.
   g = _spread_rows(3, [0.5, 2.0, 30.0], shared=True)
   names = ("min_norm", "cagrad", "dual_cone", "nash")
 
