@@ -10,23 +10,25 @@ Writes to the workdir: `config.json`, `metrics.jsonl`, TensorBoard events in
 resume from the latest checkpoint.
 
 This file is the one place where a ConfigDict becomes explicit arguments to the
-library (`build_experiment`).
+library: `check_config` validates the whole config with the library's checks
+before any data is read or any parameter created, `build_experiment` turns it
+into library objects, `run` trains. It holds no data building, evaluation or
+model logic of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
-import math
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 import ml_collections
 import optax
@@ -36,16 +38,16 @@ from experiments.configs import methods
 from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
-from mtl_jax.data import catalog
+from mtl_jax.data import build as data_build
 from mtl_jax.data import mixture as mixture_lib
-from mtl_jax.data import multi_digits
 from mtl_jax.data import pipeline
 from mtl_jax.models import build as models_build
 from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import checks
 from mtl_jax.training import distributed
+from mtl_jax.training import evaluate as evaluate_lib
 from mtl_jax.training import guard
 from mtl_jax.training import loop
-from mtl_jax.training import optim
 from mtl_jax.training import parallel as parallel_lib
 from mtl_jax.training import run_config
 from mtl_jax.training import state as state_lib
@@ -98,237 +100,180 @@ class Experiment:
   jacobian: str
   grad_norm_path: tuple[str, ...]
   pass_task_presence: bool
+  encode_decode: bool
   train_mixture: mixture_lib.Mixture
   eval_stream: mixture_lib.EvalStream
   label_counts: dict[str, int]
   param_counts: dict[str, Any]
   num_train_examples: int
   num_unlabelled: int
+  parallel: parallel_lib.DataParallel
+
+  def step_kwargs(self) -> dict[str, Any]:
+    """`make_train_step`'s keyword arguments (but `schedule`, `axis_name`)."""
+    kwargs = dict(aggregator=self.aggregator, rep_grad=self.rep_grad,
+                  chunk_size=self.chunk_size, jacobian=self.jacobian,
+                  grad_norm_path=self.grad_norm_path,
+                  pass_task_presence=self.pass_task_presence,
+                  encode_decode=self.encode_decode)
+    # TEMPORARY, until the rewritten step (which takes encode_decode) lands.
+    if "encode_decode" not in inspect.signature(
+        step_lib.make_train_step).parameters:
+      del kwargs["encode_decode"]
+    return kwargs
 
 
-def _check_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
-  for key in keys:
-    value = config[key]
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+class _Checked(NamedTuple):
+  """What the config gives before any data is read (`check_config`)."""
+
+  architecture: models_build.ArchitectureSpec
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  aggregator: aggregation_lib.Aggregator | None
+  parallel: parallel_lib.DataParallel
 
 
-def _check_ranges(config: ml_collections.ConfigDict) -> None:
-  """Range checks of the numeric config fields (names the field)."""
-  def check(key, ok, what):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and ok(value)):
-      raise ValueError(f"config.{key} must be {what}, got {value!r}")
-
-  check("seed", lambda v: v >= 0 and v == int(v), "a non-negative integer")
-  check("optimizer.learning_rate", lambda v: v > 0, "> 0")
-  check("optimizer.warmup_steps", lambda v: v >= 0, ">= 0")
-  check("optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-  check("optimizer.weight_decay", lambda v: v >= 0, ">= 0")
-  check("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: off)")
-  check("model.dropout_rate", lambda v: 0 <= v < 1, "in [0, 1)")
-  for key in ("eval_every", "checkpoint_every"):
-    check(key, lambda v: v >= 0 and v == int(v), "an integer >= 0 (0: never)")
-  for key in ("max_checkpoints_to_keep", "max_nonfinite_streak",
-              "data.prefetch"):
-    check(key, lambda v: v >= 1 and v == int(v), "an integer >= 1")
-  check("data.label_seed", lambda v: v >= 0 and v == int(v),
-        "a non-negative integer")
+def _task_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(n.strip() for n in config.tasks.split(",") if n.strip())
 
 
-def _check_task_keys(field: str, mapping: dict, valid: tuple[str, ...]) -> None:
-  unknown = sorted(set(mapping) - set(valid))
-  if unknown:
-    raise ValueError(f"config.{field} names unknown task(s) {unknown}; valid "
-                     f"tasks: {', '.join(valid)}")
-
-
-def _load_dataset(config: ml_collections.ConfigDict) -> catalog.Dataset:
-  data_dir = config.data.data_dir or None
-  options = dict(config.data.options)
-  if config.data.name == "multi_digits" and jax.process_count() > 1:
-    # Process 0 prepares first so that processes sharing a filesystem do not
-    # race on the same files; the others then find them (or, on a host-local
-    # disk, prepare their own copy).
-    if jax.process_index() == 0:
-      multi_digits.prepare(data_dir, options.get("builder_config", "default"))
-    multihost_utils.sync_global_devices("multi_digits prepared")
-  return catalog.get_dataset(config.data.name, data_dir=data_dir, **options)
-
-
-def _label_count(component: mixture_lib.Component, task: str) -> int:
-  if task in component.label_keep:
-    return int(component.label_keep[task][component.indices].sum())
-  return component.num_rows
-
-
-def build_data(config: ml_collections.ConfigDict, dataset: catalog.Dataset,
-               tasks: tasks_lib.TaskSet):
-  """The training mixture and the eval stream of the config's data block.
-
-  Each training component keeps its labels on `config.data.label_fractions`
-  of its rows (per task, seeded by `label_seed`); rows left with no label
-  form an unlabelled component, dropped when `drop_unlabelled`.
-
-  Returns:
-    `(mixture, eval_stream, label_counts, num_train, num_unlabelled)`.
-  """
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """The dataset's name and options, and the ranges of plain numbers."""
   d = config.data
-  fractions = dict(d.label_fractions)
-  _check_task_keys("data.label_fractions", fractions, dataset.tasks.names)
-  labelled, unlabelled = [], []
-  for component in dataset.train:
-    component = mixture_lib.restrict(component, tasks.names)
-    kept, rest = mixture_lib.split_by_label_fraction(component, fractions,
-                                                     d.label_seed)
-    labelled.append(kept)
-    unlabelled.append(rest)
-  provided = [(c, mixture_lib.labelled_tasks(c)) for c in labelled]
-  label_counts = {t: sum(_label_count(c, t) for c, p in provided if t in p)
-                  for t in tasks.names}
-  num_unlabelled = sum(c.num_rows for c in unlabelled)
-  components = [c for c in labelled if c.num_rows]
-  if not d.drop_unlabelled:
-    components += [c for c in unlabelled if c.num_rows]
-  if not components:
-    raise ValueError("config.data.label_fractions leave no labelled training "
-                     "example (and data.drop_unlabelled drops the rest)")
-  m = d.mixture
-  rates = mixture_lib.mixing_rates(
-      {c.name: c.num_rows for c in components}, m.method,
-      temperature=m.temperature, rates=dict(m.rates),
-      size_cap=m.size_cap or None)
-  train_mixture = mixture_lib.Mixture(
-      components, tasks, batch_size=config.batch_size, seed=config.seed,
-      rates=rates, composition=m.composition,
-      num_host_shards=jax.process_count(), host_index=jax.process_index())
-  eval_stream = mixture_lib.EvalStream(
-      [mixture_lib.restrict(c, tasks.names) for c in dataset.eval], tasks,
-      batch_size=config.eval_batch_size, num_host_shards=jax.process_count(),
-      host_index=jax.process_index())
-  num_train = sum(c.num_rows for c in labelled) + num_unlabelled
-  return train_mixture, eval_stream, label_counts, num_train, num_unlabelled
+  data_build.check_dataset_options(d.name, dict(d.options))
+  for key in ("batch_size", "eval_batch_size"):
+    checks.check_positive_int(f"config.{key}", config[key])
+  checks.check_loop_options(
+      num_steps=config.num_steps, log_every=config.log_every,
+      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+      max_checkpoints_to_keep=config.max_checkpoints_to_keep,
+      max_nonfinite_streak=config.max_nonfinite_streak, prefix="config.")
+  checks.check_count("config.seed", config.seed, 0, "a non-negative integer")
+  checks.check_count("config.data.label_seed", d.label_seed, 0,
+                     "a non-negative integer")
+  checks.check_count("config.data.prefetch", d.prefetch, 1, "an integer >= 1")
+  checks.check_number("config.model.dropout_rate", config.model.dropout_rate,
+                      lambda v: 0 <= v < 1, "in [0, 1)")
+  data_build.check_label_fractions(dict(d.label_fractions), d.label_seed,
+                                   "config.data.label_fractions")
+  data_build.check_mixing_options(
+      d.mixture.method, composition=d.mixture.composition,
+      temperature=d.mixture.temperature, size_cap=d.mixture.size_cap)
 
 
-def _trunk_kwargs(m: ml_collections.ConfigDict, dataset: catalog.Dataset
-                  ) -> dict[str, dict[str, Any]]:
-  kwargs = {
-      "mlp": dict(hidden_sizes=tuple(m.hidden_sizes),
-                  dropout_rate=m.dropout_rate),
-      "cnn": dict(channels=tuple(m.channels), strides=tuple(m.strides),
-                  feature_size=m.feature_size, dropout_rate=m.dropout_rate),
-      "resnet": dict(feature_size=m.feature_size),
-  }
-  if "tagger" in m:
-    kwargs["tagger"] = dict(m.tagger)
-  if "vocab_size" in dataset.info:
-    kwargs.setdefault("tagger", {})["vocab_size"] = dataset.info["vocab_size"]
-  return kwargs
+def _make_weighting(config: ml_collections.ConfigDict,
+                    static_weights: list[float]) -> weighting_lib.Weighting:
+  kwargs = methods.method_kwargs(config.weighting, weighting_lib.WEIGHTINGS,
+                                 "weighting")
+  if config.weighting.name == "static":
+    kwargs["weights"] = static_weights
+  return weighting_lib.get_weighting(config.weighting.name, **kwargs)
+
+
+def check_config(config: ml_collections.ConfigDict) -> _Checked:
+  """Validates the whole config in one pass, before any data is read or any
+  parameter created, with the library's checks; returns what needs no data.
+
+  Task names are checked against the dataset's tasks by `build_experiment`,
+  right after the dataset is opened and before any mixture is built.
+
+  Raises:
+    ValueError: an unknown name or an out-of-range value; the message names
+      the field.
+  """
+  _check_fields(config)
+  m, o, a = config.model, config.optimizer, config.aggregation
+  arch_kwargs = dict(m[m.architecture]) if m.architecture in m else {}
+  spec = models_build.check_model_options(
+      m.architecture, m.trunk, hyperparameters=arch_kwargs,
+      trunk_kwargs=models_build.trunk_kwargs(m.trunk, m.to_dict()))
+  optimizer, schedule = checks.build_optimizer(
+      o.name, o.learning_rate, schedule=o.schedule,
+      total_steps=config.num_steps, warmup_steps=o.warmup_steps,
+      momentum=o.momentum, weight_decay=o.weight_decay,
+      grad_clip_norm=o.grad_clip_norm, prefix="config.optimizer.")
+  # Static weights are the tasks' (known with the dataset); their values are
+  # checked here.
+  weighting = _make_weighting(config, [float(w) for w in
+                                       dict(config.task_weights).values()])
+  aggregator = None
+  if a.name != "none":
+    aggregator = aggregation_lib.get_aggregator(a.name, **methods.method_kwargs(
+        a, aggregation_lib.AGGREGATORS, "aggregation"))
+  checks.check_step_options(
+      aggregator=aggregator, aggregator_name=a.name, rep_grad=a.rep_grad,
+      jacobian=a.get("jacobian", "auto"), chunk_size=a.chunk_size,
+      prefix="config.aggregation.")
+  spec.check_step_options(
+      input_trunk=m.input_trunk, rep_grad=a.rep_grad,
+      grad_norms_for=(config.weighting.name
+                      if "grad_norms" in weighting.needs else None))
+  return _Checked(spec, optimizer, schedule, aggregator, make_parallel(config))
+
+
+def _make_model(config: ml_collections.ConfigDict, tasks: tasks_lib.TaskSet,
+                dataset_info: dict[str, Any]) -> Any:
+  m = config.model
+  return models_build.make_model(
+      m.architecture, tasks,
+      models_build.make_trunk(m.trunk, **models_build.trunk_kwargs(
+          m.trunk, m.to_dict(), dataset_info)),
+      head_hidden_sizes=tuple(m.head_hidden_sizes), input_trunk=m.input_trunk,
+      **(dict(m[m.architecture]) if m.architecture in m else {}))
+
+
+def _param_counts(config: ml_collections.ConfigDict, model: Any,
+                  tasks: tasks_lib.TaskSet, dataset_info: dict[str, Any],
+                  sample: Any) -> dict[str, Any]:
+  """This model's parameter counts against one single-task model per task."""
+  single = {t.name: models_build.count_params(models_build.abstract_params(
+      _make_model(config, tasks.select([t.name]), dataset_info), sample))
+            for t in tasks}
+  return models_build.param_report(
+      models_build.abstract_params(model, sample), single)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Turns the config into explicit library objects, validating it first.
 
   Raises:
-    ValueError: an unknown name (dataset, task, trunk, optimizer, schedule,
-      weighting) or an out-of-range value; the message names the field.
+    ValueError: an unknown name (dataset, task, trunk, architecture,
+      optimizer, schedule, weighting, aggregation) or an out-of-range value;
+      the message names the field. All but the task names are checked before
+      the dataset is opened; those right after, before any mixture is built.
   """
-  if config.data.name not in catalog.DATASETS:
-    raise ValueError(f"unknown dataset {config.data.name!r}; valid: "
-                     f"{', '.join(sorted(catalog.DATASETS))}")
-  _check_positive(config, "batch_size", "eval_batch_size", "num_steps",
-                  "log_every")
-  _check_ranges(config)
-  dataset = _load_dataset(config)
-  names = tuple(n.strip() for n in config.tasks.split(",") if n.strip())
-  weights = dict(config.task_weights)
-  _check_task_keys("task_weights", weights, dataset.tasks.names)
-  tasks = dataset.tasks.select(names or dataset.tasks.names)  # KeyError: unknown
-  tasks = tasks_lib.TaskSet([dataclasses.replace(t, weight=float(
-      weights.get(t.name, 1.0))) for t in tasks])
-  (train_mixture, eval_stream, label_counts, num_train,
-   num_unlabelled) = build_data(config, dataset, tasks)
-
-  m = config.model
-  trunk_kwargs = _trunk_kwargs(m, dataset)
-  if m.trunk not in trunk_kwargs:
-    raise ValueError(f"unknown trunk {m.trunk!r}; valid: "
-                     f"{', '.join(sorted(trunk_kwargs))}")
-  arch = m.architecture
-  if arch not in models_build.ARCHITECTURES:
-    raise ValueError(f"unknown architecture {arch!r}; valid: "
-                     f"{', '.join(sorted(models_build.ARCHITECTURES))}")
-  arch_kwargs = dict(m[arch]) if arch in m else {}
-
-  def make_model(task_set):
-    return models_build.make_model(
-        arch, task_set,
-        models_build.make_trunk(m.trunk, **trunk_kwargs[m.trunk]),
-        head_hidden_sizes=tuple(m.head_hidden_sizes),
-        input_trunk=m.input_trunk, **arch_kwargs)
-
-  model = make_model(tasks)
-  sample = train_mixture.batch(train_mixture.initial_state())[0]["inputs"][:1]
-  param_counts = models_build.param_report(
-      models_build.abstract_params(model, sample),
-      {t.name: models_build.count_params(models_build.abstract_params(
-          make_model(tasks.select([t.name])), sample)) for t in tasks})
-
-  o = config.optimizer
-  schedule = optim.make_schedule(o.schedule, o.learning_rate,
-                                 total_steps=config.num_steps,
-                                 warmup_steps=o.warmup_steps)
-  optimizer = optim.make_optimizer(o.name, schedule, momentum=o.momentum,
-                                   weight_decay=o.weight_decay,
-                                   grad_clip_norm=o.grad_clip_norm)
-  w_kwargs = methods.method_kwargs(config.weighting, weighting_lib.WEIGHTINGS,
-                                   "weighting")
-  if config.weighting.name == "static":
-    w_kwargs["weights"] = tasks.static_weights
-  weighting = weighting_lib.get_weighting(config.weighting.name, **w_kwargs)
-  aggregator = None
-  if config.aggregation.name != "none":
-    aggregator = aggregation_lib.get_aggregator(
-        config.aggregation.name, **methods.method_kwargs(
-            config.aggregation, aggregation_lib.AGGREGATORS, "aggregation"))
-  if config.aggregation.chunk_size < 0:
-    raise ValueError("config.aggregation.chunk_size must be >= 0 (0: all tasks"
-                     f" at once), got {config.aggregation.chunk_size}")
-  jacobian = config.aggregation.get("jacobian", "auto")
-  if jacobian not in step_lib.JACOBIAN_MODES:
-    raise ValueError(f"unknown config.aggregation.jacobian {jacobian!r}; "
-                     f"valid: {', '.join(step_lib.JACOBIAN_MODES)}")
-  if config.aggregation.rep_grad and (aggregator is None or
-                                      not aggregator.rep_grad_ok):
-    raise ValueError(
-        f"config.aggregation.rep_grad=True is not valid for aggregation "
-        f"{config.aggregation.name!r}; valid: " + ", ".join(
-            n for n in sorted(aggregation_lib.AGGREGATORS)
-            if aggregation_lib.get_aggregator(n).rep_grad_ok))
-  if config.aggregation.rep_grad and arch != "hard_sharing":
-    raise ValueError("config.aggregation.rep_grad=True needs one shared "
-                     "representation: architecture 'hard_sharing', not "
-                     f"{arch!r}")
-  grad_norm_path = models_build.last_shared_layer(arch, m.input_trunk)
-  if "grad_norms" in weighting.needs and grad_norm_path is None:
-    raise ValueError(f"weighting {config.weighting.name!r} needs a last "
-                     f"shared layer, which architecture {arch!r} does not "
-                     "have (hard_sharing, adversarial, or a mixture of experts"
-                     " with config.model.input_trunk=True do)")
+  checked = check_config(config)
+  d, a = config.data, config.aggregation
+  dataset = data_build.load_dataset(d.name, data_dir=d.data_dir or None,
+                                    options=dict(d.options))
+  tasks = data_build.select_tasks(dataset.tasks, _task_names(config),
+                                  dict(config.task_weights),
+                                  weights_field="config.task_weights")
+  data_build.check_task_names(dict(d.label_fractions), dataset.tasks.names,
+                              "config.data.label_fractions")
+  weighting = _make_weighting(config, tasks.static_weights)
+  data = data_build.build_data(
+      dataset, tasks, batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size, seed=config.seed,
+      label_fractions=dict(d.label_fractions), label_seed=d.label_seed,
+      drop_unlabelled=d.drop_unlabelled, mixing_method=d.mixture.method,
+      temperature=d.mixture.temperature, rates=dict(d.mixture.rates),
+      size_cap=d.mixture.size_cap, composition=d.mixture.composition,
+      fractions_field="config.data.label_fractions")
+  model = _make_model(config, tasks, dataset.info)
+  mixture = data.train_mixture
+  sample = mixture.batch(mixture.initial_state())[0]["inputs"][:1]
   return Experiment(
-      tasks=tasks, model=model, optimizer=optimizer, schedule=schedule,
-      weighting=weighting, aggregator=aggregator,
-      rep_grad=config.aggregation.rep_grad,
-      chunk_size=config.aggregation.chunk_size or None,
-      jacobian=jacobian,
-      grad_norm_path=grad_norm_path or (),
-      pass_task_presence=arch == "adversarial",
-      train_mixture=train_mixture, eval_stream=eval_stream,
-      label_counts=label_counts, param_counts=param_counts,
-      num_train_examples=num_train, num_unlabelled=num_unlabelled)
+      tasks=tasks, model=model, optimizer=checked.optimizer,
+      schedule=checked.schedule, weighting=weighting,
+      aggregator=checked.aggregator, rep_grad=a.rep_grad,
+      chunk_size=a.chunk_size or None, jacobian=a.get("jacobian", "auto"),
+      **checked.architecture.step_kwargs(config.model.input_trunk),
+      train_mixture=mixture, eval_stream=data.eval_stream,
+      label_counts=data.label_counts,
+      param_counts=_param_counts(config, model, tasks, dataset.info, sample),
+      num_train_examples=data.num_train_examples,
+      num_unlabelled=data.num_unlabelled, parallel=checked.parallel)
 
 
 def make_parallel(config: ml_collections.ConfigDict
@@ -342,26 +287,61 @@ def make_parallel(config: ml_collections.ConfigDict
   return par
 
 
-def make_evaluate(exp: Experiment, par: parallel_lib.DataParallel,
-                  params_like: Any) -> Callable[[Any], dict[str, float]]:
-  """`params -> {"<task>/<metric>": value}` over the whole eval split."""
-  eval_step = par.compile_eval_step(
-      step_lib.make_eval_step(exp.model.apply, exp.tasks,
-                              axis_name=par.axis_name), params_like)
+def _restore(checkpointer: checkpoint_lib.Checkpointer,
+             par: parallel_lib.DataParallel, state: Any, data_state: Any,
+             workdir: str, is_main: bool) -> tuple[Any, Any]:
+  """The latest checkpoint's state and data position, if there is one."""
+  if checkpointer.latest_step() is None:
+    return state, data_state
+  step, restored, data_state = checkpointer.restore_with_data(
+      par.for_checkpoint(state))
+  state = par.from_checkpoint(restored)
+  if data_state is None:
+    raise ValueError(f"checkpoint {step} in {workdir} has no data iterator "
+                     "state; it cannot be resumed exactly")
+  if is_main:  # steps logged after the checkpoint will be logged again
+    writers.truncate_jsonl(os.path.join(workdir, writers.JSONL_FILE), step)
+  logging.info("resumed from checkpoint at step %d", par.step_of(state))
+  return state, data_state
 
-  def evaluate(params):
-    total = None
-    for batch in exp.eval_stream:
-      total = step_lib.accumulate(total, eval_step(params, par.put_batch(batch)))
-    return step_lib.finalize(exp.tasks, par.to_host(total))
 
-  return evaluate
+def _train(config: ml_collections.ConfigDict, exp: Experiment, state: Any,
+           data_state: Any, checkpointer: checkpoint_lib.Checkpointer,
+           workdir: str, is_main: bool) -> tuple[Any, dict[str, float]]:
+  """Runs the training loop to `config.num_steps`; returns the final state
+  and its eval metrics."""
+  par = exp.parallel
+  train_step = par.compile_train_step(guard.skip_nonfinite(
+      step_lib.make_train_step(
+          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
+          schedule=exp.schedule, axis_name=par.axis_name,
+          **exp.step_kwargs()), exp.tasks.names), state)
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  evaluate = evaluate_lib.make_evaluate(exp.model.apply, exp.tasks,
+                                        exp.eval_stream, parallel=par,
+                                        params_like=state.params)
+  batches = pipeline.Prefetcher(exp.train_mixture.iterator(data_state),
+                                size=config.data.prefetch,
+                                transform=par.put_batch)
+  try:
+    state, final_eval = loop.train_loop(
+        state=state, train_step=train_step, batches=batches,
+        num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
+        evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
+        eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+        parallel=par, max_nonfinite_streak=config.max_nonfinite_streak)
+  finally:  # also on an error or pre-emption: stop reading, flush, wait
+    batches.close()
+    writer.close()
+  if final_eval is None:  # resumed a finished run: evaluate its final state
+    final_eval = evaluate(state.params)
+  return state, final_eval
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the results dict."""
   exp = build_experiment(config)  # validates before anything compiles
-  par = make_parallel(config)
+  par = exp.parallel
   is_main = jax.process_index() == 0  # only process 0 logs and writes files
   run_config.check_writable(workdir)
   run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER,
@@ -380,43 +360,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)
-  if checkpointer.latest_step() is not None:
-    step, restored, data_state = checkpointer.restore_with_data(
-        par.for_checkpoint(state))
-    state = par.from_checkpoint(restored)
-    if data_state is None:
-      raise ValueError(f"checkpoint {step} in {workdir} has no data iterator "
-                       "state; it cannot be resumed exactly")
-    if is_main:  # steps logged after the checkpoint will be logged again
-      writers.truncate_jsonl(os.path.join(workdir, writers.JSONL_FILE), step)
-    logging.info("resumed from checkpoint at step %d", par.step_of(state))
-
-  train_step = par.compile_train_step(guard.skip_nonfinite(
-      step_lib.make_train_step(
-          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
-          aggregator=exp.aggregator, rep_grad=exp.rep_grad,
-          chunk_size=exp.chunk_size, jacobian=exp.jacobian,
-          grad_norm_path=exp.grad_norm_path,
-          pass_task_presence=exp.pass_task_presence, schedule=exp.schedule,
-          axis_name=par.axis_name), exp.tasks.names), state)
-  writer = writers.MetricWriter(workdir, enabled=is_main)
-  evaluate = make_evaluate(exp, par, state.params)
-  batches = pipeline.Prefetcher(exp.train_mixture.iterator(data_state),
-                                size=config.data.prefetch,
-                                transform=par.put_batch)
   try:
-    state, final_eval = loop.train_loop(
-        state=state, train_step=train_step, batches=batches,
-        num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
-        evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
-        eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-        parallel=par, max_nonfinite_streak=config.max_nonfinite_streak)
-  finally:  # also on an error or pre-emption: stop reading, flush, wait
-    batches.close()
-    writer.close()
+    state, data_state = _restore(checkpointer, par, state, data_state,
+                                 workdir, is_main)
+    state, final_eval = _train(config, exp, state, data_state, checkpointer,
+                               workdir, is_main)
+  finally:
     checkpointer.close()
-  if final_eval is None:  # resumed a finished run: evaluate its final state
-    final_eval = evaluate(state.params)
 
   results = {
       "steps": par.step_of(state),
@@ -430,14 +380,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "num_unlabelled": exp.num_unlabelled,
   }
   if is_main:
-    _write_json(os.path.join(workdir, "results.json"), results)
-    eval_keys = tuple(k for k in sorted(final_eval)
-                      if k.split("/")[1] in ("accuracy", "f1", "mae"))
-    writers.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"),
-                        exp.tasks.names, eval_keys)
-    print("test metrics:", json.dumps(
-        {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
+    _write_outputs(workdir, exp, results)
   return results
+
+
+def _write_outputs(workdir: str, exp: Experiment,
+                   results: dict[str, Any]) -> None:
+  """results.json, curves.png and the printed test metrics."""
+  final_eval = results["eval"]
+  _write_json(os.path.join(workdir, "results.json"), results)
+  eval_keys = tuple(k for k in sorted(final_eval)
+                    if k.split("/")[1] in ("accuracy", "f1", "mae"))
+  writers.plot_curves(os.path.join(workdir, writers.JSONL_FILE),
+                      os.path.join(workdir, "curves.png"), exp.tasks.names,
+                      eval_keys)
+  print("test metrics:", json.dumps(
+      {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
 
 
 def _write_json(path: str, value: Any) -> None:

@@ -8,9 +8,11 @@
                mtl.multilabel_task, mtl.regression_task
   losses       masked losses: (prediction, label, mask) -> (loss_sum, count)
   metrics      masked metrics as summable sufficient statistics
-  models       trunks, heads and multi-task architectures (`models.build`)
+  models       trunks, heads and multi-task architectures (`models.build`:
+               one spec per architecture and per trunk)
                mtl.make_trunk, mtl.make_model, mtl.make_hard_sharing_model,
-               mtl.TRUNKS, mtl.ARCHITECTURES
+               mtl.TRUNKS, mtl.ARCHITECTURES, mtl.ArchitectureSpec,
+               mtl.TrunkSpec, mtl.get_architecture
   weighting    loss-level task weighting
                mtl.get_weighting, mtl.WEIGHTINGS, mtl.Weighting
   aggregation  gradient-level aggregation of per-task gradients
@@ -21,13 +23,17 @@
                (`import mtl_jax.training.loop`)
                mtl.TrainState, mtl.init_params, mtl.create_train_state,
                mtl.make_train_step, mtl.make_eval_step, mtl.accumulate,
-               mtl.finalize, mtl.skip_nonfinite
+               mtl.finalize, mtl.make_evaluate (eval over a whole stream),
+               mtl.skip_nonfinite; the option checks a script runs before
+               reading data are in `training.checks`
   data         sources, task mixtures and evaluation streams, the embedded
                multi_digits dataset and the TFDS catalog; as the package says,
                its modules are imported explicitly
                (`from mtl_jax.data import mixture`)
                mtl.Mixture, mtl.EvalStream, mtl.Component,
-               mtl.array_component, mtl.mixing_rates, mtl.ArraySource
+               mtl.array_component, mtl.mixing_rates, mtl.ArraySource;
+               a catalog dataset's mixture and eval stream (`data.build`):
+               mtl.load_dataset, mtl.select_tasks, mtl.build_data
 
 The data names above are loaded on first use (their modules import TFDS's
 reader), so `import mtl_jax` costs JAX, Flax and optax only. The README's
@@ -51,7 +57,10 @@ from mtl_jax.aggregation import AGGREGATORS
 from mtl_jax.aggregation import Aggregator
 from mtl_jax.aggregation import get_aggregator
 from mtl_jax.models.build import ARCHITECTURES
+from mtl_jax.models.build import ArchitectureSpec
 from mtl_jax.models.build import TRUNKS
+from mtl_jax.models.build import TrunkSpec
+from mtl_jax.models.build import get_architecture
 from mtl_jax.models.build import make_hard_sharing_model
 from mtl_jax.models.build import make_model
 from mtl_jax.models.build import make_trunk
@@ -60,6 +69,9 @@ from mtl_jax.tasks import TaskSet
 from mtl_jax.tasks import classification_task
 from mtl_jax.tasks import multilabel_task
 from mtl_jax.tasks import regression_task
+# Imported so that `mtl.training.checks` is there (no top-level names).
+from mtl_jax.training import checks as _checks  # noqa: F401
+from mtl_jax.training.evaluate import make_evaluate
 from mtl_jax.training.guard import skip_nonfinite
 from mtl_jax.training.state import TrainState
 from mtl_jax.training.state import create_train_state
@@ -82,6 +94,9 @@ _LAZY = {
     "array_component": ("mtl_jax.data.mixture", "array_component"),
     "mixing_rates": ("mtl_jax.data.mixture", "mixing_rates"),
     "ArraySource": ("mtl_jax.data.sources", "ArraySource"),
+    "load_dataset": ("mtl_jax.data.build", "load_dataset"),
+    "select_tasks": ("mtl_jax.data.build", "select_tasks"),
+    "build_data": ("mtl_jax.data.build", "build_data"),
 }
 
 
@@ -106,15 +121,16 @@ __all__ = [
     "Task", "TaskSet", "classification_task", "multilabel_task",
     "regression_task",
     # Models.
-    "ARCHITECTURES", "TRUNKS", "make_hard_sharing_model", "make_model",
-    "make_trunk",
+    "ARCHITECTURES", "ArchitectureSpec", "TRUNKS", "TrunkSpec",
+    "get_architecture", "make_hard_sharing_model", "make_model", "make_trunk",
     # Weighting and aggregation.
     "AGGREGATORS", "Aggregator", "WEIGHTINGS", "Weighting", "get_aggregator",
     "get_weighting",
     # Training.
     "TrainState", "accumulate", "create_train_state", "finalize",
-    "init_params", "make_eval_step", "make_train_step", "skip_nonfinite",
+    "init_params", "make_eval_step", "make_evaluate", "make_train_step",
+    "skip_nonfinite",
     # Data (loaded on first use).
     "ArraySource", "Component", "EvalStream", "Mixture", "array_component",
-    "mixing_rates",
+    "build_data", "load_dataset", "mixing_rates", "select_tasks",
 ]
