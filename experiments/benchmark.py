@@ -264,7 +264,7 @@ def compile_framework_step(model: Any, tasks: tasks_lib.TaskSet, method: str,
   step = step_lib.make_train_step(
       model.apply, tasks, tx, weighting, aggregator=agg, rep_grad=rep,
       chunk_size=chunk_size if agg is not None or weighting.needs else None,
-      jacobian=jacobian)
+      jacobian=jacobian, encode_decode=True)  # a hard-sharing model
   batch = jax.device_put(batch)
   return _compile(step, state, batch), rep
 

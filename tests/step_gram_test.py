@@ -2,7 +2,7 @@
 
 `jacobian="factored"`/`"auto"` never forms the per-task Jacobian: the Gram
 matrix comes from dense layers' inputs and output gradients, the direction
-from the same factors (mtl_jax/training/gram.py). Every test here compares it
+from the same factors (mtl_jax/gradients/gram.py). Every test here compares it
 with `jacobian="full"` (the aggregator's own `update` on the flattened
 per-task gradients) or with the Gram matrix of explicitly formed gradients.
 """
@@ -20,7 +20,8 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
 from mtl_jax.aggregation import base as agg_base
 from mtl_jax.models import build
-from mtl_jax.training import gram as gram_lib
+from mtl_jax.gradients import factored as factored_lib
+from mtl_jax.gradients import gram as gram_lib
 from mtl_jax.training import parallel
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
@@ -122,23 +123,37 @@ def test_factored_step_matches_full_step(method, chunk_size):
   and metrics."""
   agg = aggregation.get_aggregator(method)
   batches = [_batch(0), _batch(1, absent="reg"), _batch(2)]
-  got, got_m = _run(_mlp(), agg, "factored", batches, chunk_size=chunk_size)
+  got, got_m = _run(_mlp(), agg, "factored", batches, chunk_size=chunk_size,
+                    encode_decode=True)
   want, want_m = _run(_mlp(), agg, "full", batches)
   _assert_close(got.params, want.params)
   _assert_close(got.aggregation_state, want.aggregation_state)
   _assert_close(got_m, want_m)
 
 
-def test_two_stage_path_is_taken_for_hard_sharing_models_only():
-  """The speed-up must not silently fall back: a HardSharingModel's apply
-  takes the two-stage path; a wrapped apply, task presence or another
-  model type take the one-stage path (so does a HardSharingModel that sows
-  auxiliary losses, found at trace time: same results either way)."""
-  model = _mlp()
-  assert step_lib.two_stage_heads(model.apply)
-  assert not step_lib.two_stage_heads(model.apply, pass_task_presence=True)
-  assert not step_lib.two_stage_heads(lambda *a, **k: model.apply(*a, **k))
-  assert not step_lib.two_stage_heads(_Wrapped().apply)  # another module type
+def test_two_stage_route_is_taken_when_the_model_declares_encode_decode(
+    monkeypatch):
+  """The speed-up must not silently fall back: with encode_decode=True the
+  factored path differentiates in two stages; without it, in one stage; a
+  model that sows auxiliary losses is found at trace time and goes the
+  one-stage route (same results either way: the tests below)."""
+  calls = []
+  real = factored_lib.two_stage_factors
+
+  def spy(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls.append(out is not None)
+    return out
+
+  monkeypatch.setattr(factored_lib, "two_stage_factors", spy)
+  agg = aggregation.get_aggregator("mgda")
+  _run(_mlp(), agg, "auto", [_batch(0)], encode_decode=True)
+  assert calls == [True]
+  _run(_mlp(), agg, "auto", [_batch(0)])
+  assert calls == [True]  # not declared: not tried
+  _run(_twice_model(), agg, "factored", [_batch(0, dim=8)], dim=8,
+       encode_decode=True)
+  assert calls == [True, False]  # tried, aux losses found: one stage
 
 
 @pytest.mark.parametrize("method", ["mgda", "graddrop"])
@@ -151,7 +166,7 @@ def test_two_stage_vjp_with_dropout_matches_full_step(method):
       head_hidden_sizes=(5,))
   agg = aggregation.get_aggregator(method)
   batches = [_batch(0), _batch(1, absent="ml")]
-  got, got_m = _run(model, agg, "auto", batches)
+  got, got_m = _run(model, agg, "auto", batches, encode_decode=True)
   want, want_m = _run(model, agg, "full", batches)
   _assert_close(got.params, want.params)
   _assert_close(got_m, want_m)
@@ -164,7 +179,8 @@ def test_shared_dense_called_twice_layernorm_and_aux_loss(method):
   model = _twice_model()
   batches = [_batch(0, dim=8), _batch(1, dim=8)]
   agg = aggregation.get_aggregator(method)
-  got, got_m = _run(model, agg, "factored", batches, dim=8)
+  got, got_m = _run(model, agg, "factored", batches, dim=8,
+                    encode_decode=True)
   want, want_m = _run(model, agg, "full", batches, dim=8)
   assert "aux/shared/l2" in got_m[0]
   _assert_close(got.params, want.params)
@@ -182,7 +198,8 @@ def test_pmap_factored_step_matches_one_device_full_step(method, chunk_size):
   state = par.put_state(_state(model, tx, agg))
   step = par.compile_train_step(step_lib.make_train_step(
       model.apply, TASKS, tx, W, aggregator=agg, jacobian="factored",
-      chunk_size=chunk_size, axis_name=par.axis_name), state)
+      chunk_size=chunk_size, encode_decode=True, axis_name=par.axis_name),
+      state)
   batches = [_batch(0), _batch(1, absent="cls")]
   for batch in batches:
     state, _ = step(state, par.put_batch(batch))
@@ -334,7 +351,8 @@ def test_factored_graddrop_step_matches_full_step(leak, chunk_size):
   every gradient: the plain sum of the rows."""
   agg = aggregation.get_aggregator("graddrop", leak=leak)
   batches = [_batch(0), _batch(1, absent="reg"), _batch(2)]
-  got, got_m = _run(_mlp(), agg, "auto", batches, chunk_size=chunk_size)
+  got, got_m = _run(_mlp(), agg, "auto", batches, chunk_size=chunk_size,
+                    encode_decode=True)
   want, want_m = _run(_mlp(), agg, "full", batches)
   _assert_close(got.params, want.params)
   _assert_close(got_m, want_m)

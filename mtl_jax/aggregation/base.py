@@ -37,7 +37,7 @@ only through their Gram matrix `G G^T`. Such a method also provides
 
 The train step can then compute the Gram matrix without ever forming the
 `[K, P]` Jacobian (from per-layer activations and output gradients,
-`mtl_jax.training.gram`) and the direction as one backward pass of
+`mtl_jax.gradients.gram`) and the direction as one backward pass of
 `sum_k w_k L_k`.
 """
 
@@ -231,7 +231,7 @@ def scale_gram(plain: jax.Array, rescaled: Callable[[], tuple[jax.Array,
   otherwise `rescaled()`, which recomputes the Gram matrix of the rows divided
   by a power of two that keeps it in range (see `scaled_gram`). One rule for
   every producer of Gram matrices: the `[K, P]` rows here, the factored
-  engine's per-layer terms in `mtl_jax.training.gram`.
+  engine's per-layer terms in `mtl_jax.gradients.gram`.
   """
   diag_max = jnp.max(jnp.diagonal(plain))
   safe = jnp.all(jnp.isfinite(plain)) & (diag_max >= 2.0 ** -60)
