@@ -55,7 +55,8 @@ def _make(names, weighting_name, aggregator_name, rep_grad=False):
   state = state_lib.create_train_state(params, tx, w, len(tasks),
                                        jax.random.PRNGKey(1), agg)
   step = jax.jit(step_lib.make_train_step(model.apply, tasks, tx, w,
-                                          aggregator=agg, rep_grad=rep_grad))
+                                          aggregator=agg, rep_grad=rep_grad,
+                                          encode_decode=True))
   return state, step
 
 

@@ -62,7 +62,7 @@ def _run(aggregator=None, rep_grad=False, chunk_size=None, w=W, batch=None):
   model, tx = _model(), optax.sgd(0.1)
   step = jax.jit(step_lib.make_train_step(
       model.apply, TASKS, tx, w, aggregator=aggregator, rep_grad=rep_grad,
-      chunk_size=chunk_size))
+      chunk_size=chunk_size, encode_decode=True))
   state = _state(model, tx, w, aggregator)
   return step(state, _batch() if batch is None else batch), state, model
 
