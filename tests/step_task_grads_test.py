@@ -181,7 +181,7 @@ def test_pmap_and_sharded_jit_match_one_device_with_an_aggregator(rep_grad):
   batch = _batch(reg_mask=np.eye(B)[0])  # reg labelled on one example only
   make = lambda axis: step_lib.make_train_step(
       model.apply, TASKS, tx, W, aggregator=agg, rep_grad=rep_grad,
-      axis_name=axis)
+      encode_decode=True, axis_name=axis)
   ref, ref_m = jax.jit(make(None))(_state(model, tx, aggregator=agg), batch)
   for mode in ("jit", "pmap"):
     par = parallel.DataParallel(parallel.make_mesh(8), parallelism=mode)
@@ -242,3 +242,44 @@ def test_task_presence_marks_labelled_tasks():
   presence = tasks_lib.task_presence(batch["masks"], TASKS.names)
   expected = np.stack([batch["masks"][n] > 0 for n in TASKS.names], 1)
   np.testing.assert_array_equal(presence, expected.astype(np.float32))
+
+
+class _TrunkWithAux(nn.Module):
+  """An MLP trunk that sows an auxiliary loss (a feature penalty)."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    del train
+    h = nn.tanh(nn.Dense(8)(x))
+    h = nn.Dense(6, name="features")(h)
+    self.sow(step_lib.AUX_LOSSES, "penalty", 0.1 * jnp.mean(jnp.square(h)))
+    return h
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_rep_grad_adds_the_trunks_auxiliary_loss(chunk_size):
+  """With the sum aggregator, rep_grad's direction sent through the trunk is
+  the weighted-sum gradient: so the steps are equal only if the trunk's
+  auxiliary loss reaches the shared params on the rep_grad path too."""
+  model = build.make_hard_sharing_model(TASKS, _TrunkWithAux(),
+                                        head_hidden_sizes=(5,))
+  tx = optax.sgd(0.1)
+  state = _state(model, tx, W, SUM)
+  batch = _batch()
+  rep = jax.jit(step_lib.make_train_step(
+      model.apply, TASKS, tx, W, aggregator=SUM, rep_grad=True,
+      chunk_size=chunk_size, encode_decode=True))(state, batch)
+  plain_state = _state(model, tx, W)
+  plain = jax.jit(step_lib.make_train_step(model.apply, TASKS, tx, W))(
+      plain_state, batch)
+  assert float(plain[1]["aux/shared/penalty"]) > 0
+  _close(rep[0].params, plain[0].params)
+  for key in plain[1]:
+    np.testing.assert_allclose(rep[1][key], plain[1][key], rtol=1e-5,
+                               err_msg=key)
+
+
+def test_rep_grad_needs_encode_decode():
+  with pytest.raises(ValueError, match="encode_decode"):
+    step_lib.make_train_step(_model().apply, TASKS, optax.sgd(0.1), W,
+                             aggregator=SUM, rep_grad=True)
