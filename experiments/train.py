@@ -19,7 +19,6 @@ model logic of its own.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -111,16 +110,11 @@ class Experiment:
 
   def step_kwargs(self) -> dict[str, Any]:
     """`make_train_step`'s keyword arguments (but `schedule`, `axis_name`)."""
-    kwargs = dict(aggregator=self.aggregator, rep_grad=self.rep_grad,
-                  chunk_size=self.chunk_size, jacobian=self.jacobian,
-                  grad_norm_path=self.grad_norm_path,
-                  pass_task_presence=self.pass_task_presence,
-                  encode_decode=self.encode_decode)
-    # TEMPORARY, until the rewritten step (which takes encode_decode) lands.
-    if "encode_decode" not in inspect.signature(
-        step_lib.make_train_step).parameters:
-      del kwargs["encode_decode"]
-    return kwargs
+    return dict(aggregator=self.aggregator, rep_grad=self.rep_grad,
+                chunk_size=self.chunk_size, jacobian=self.jacobian,
+                grad_norm_path=self.grad_norm_path,
+                pass_task_presence=self.pass_task_presence,
+                encode_decode=self.encode_decode)
 
 
 class _Checked(NamedTuple):

@@ -102,8 +102,10 @@ def check_step_options(*, aggregator: Aggregator | None,
                        prefix: str = "") -> None:
   """Checks `make_train_step`'s gradient options against the aggregator.
 
-  The architecture's side (rep_grad needs `encode_decode`, GradNorm a last
-  shared layer) is `ArchitectureSpec.check_step_options`.
+  The named checks below come first, then the step's own
+  (`step.check_step_options`), so that whatever `make_train_step` refuses is
+  refused here too. The architecture's side (rep_grad needs `encode_decode`,
+  GradNorm a last shared layer) is `ArchitectureSpec.check_step_options`.
 
   Args:
     aggregator: the aggregator, or None for the plain weighted sum.
@@ -127,3 +129,6 @@ def check_step_options(*, aggregator: Aggregator | None,
     raise ValueError(
         f"{prefix}rep_grad=True is not valid for aggregation "
         f"{aggregator_name!r}; valid: {', '.join(rep_grad_aggregators())}")
+  step_lib.check_step_options(aggregator, rep_grad=rep_grad,
+                              encode_decode=True,  # the architecture's check
+                              jacobian=jacobian, chunk_size=chunk_size or None)
