@@ -208,8 +208,10 @@ def test_pmap_factored_step_matches_one_device_full_step(method, chunk_size):
 
 
 def _factored(model, batch, num_tasks):
-  """The FactoredJacobian (and the explicit rows) of `L_k = mean_b k out_bk`."""
-  params = model.init(jax.random.PRNGKey(0), batch)["params"]
+  """The FactoredJacobian (and the explicit rows) of `L_k = mean_b k out_bk`
+  (params in the batch's dtype)."""
+  params = jax.tree.map(lambda p: p.astype(batch.dtype),
+                        model.init(jax.random.PRNGKey(0), batch)["params"])
   run = lambda: model.apply({"params": params}, batch)
   sites = gram_lib.find_dense_sites(run, params, num_tasks=num_tasks,
                                     every=True)
@@ -268,6 +270,18 @@ def test_gram_of_factors_equals_gram_of_explicit_rows(scale, chunk_size):
                                        jnp.array([True, False, True]))
   assert np.all(np.asarray(got_absent)[1] == 0)
   assert np.all(np.asarray(got_absent)[:, 1] == 0)
+
+
+def test_factored_gram_is_float64_under_x64():
+  """float64 params give the Gram matrix in float64, to float64 accuracy."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float64)
+    jac, rows, _ = _factored(_Wrapped(), x, 3)
+    weights = jnp.array([1.0, 0.5, 2.0], jnp.float64)
+    got, s = gram_lib.scaled_gram(jac, weights, jnp.array([True] * 3))
+    want, s_want = agg_base.scaled_gram(rows * weights[:, None])
+    assert got.dtype == jnp.float64 and want.dtype == jnp.float64
+    np.testing.assert_allclose(got * (s / s_want) ** 2, want, rtol=1e-12)
 
 
 # (K, out, chunk): blocks (32 columns or a multiple) that divide `out`, that

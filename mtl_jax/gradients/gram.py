@@ -236,7 +236,16 @@ def factor(sites: Sequence[DenseSite], inputs: Mapping[str, list[jax.Array]],
 
 
 def _rows(leaf: jax.Array) -> jax.Array:
-  return leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
+  return leaf.reshape(leaf.shape[0], -1).astype(base.float_dtype(leaf))
+
+
+def _gram_dtype(fj: FactoredJacobian) -> jnp.dtype:
+  """float64 if any factor or leaf is float64 (x64), else float32."""
+  arrays = (jax.tree.leaves(fj.acts) + jax.tree.leaves(fj.deltas)
+            + jax.tree.leaves(fj.leaves))
+  if not arrays:
+    return jnp.dtype(jnp.float32)
+  return base.float_dtype(jnp.zeros((), jnp.result_type(*arrays)))
 
 
 def _kernel_gram(a: jax.Array, d: jax.Array, chunk_size: int | None = None
@@ -305,8 +314,8 @@ def _terms(fj: FactoredJacobian, acts, deltas, leaves,
   terms = []
   for s in fj.sites:
     key = site_key(s.path)
-    a = acts[key].astype(jnp.float32)
-    d = deltas[key].astype(jnp.float32)
+    a = acts[key].astype(base.float_dtype(acts[key]))
+    d = deltas[key].astype(base.float_dtype(deltas[key]))
 
     def kernel(a=a, d=d):
       sa, sd = base.power_of_two_scale(a), base.power_of_two_scale(d)
@@ -375,7 +384,7 @@ def scaled_gram(fj: FactoredJacobian, task_scale: jax.Array,
   leaves = fj.leaves
   if axis_name:
     leaves = jax.lax.psum(leaves, axis_name)
-  task_scale = jnp.where(present, task_scale, 0.0).astype(jnp.float32)
+  task_scale = jnp.where(present, task_scale, 0.0).astype(_gram_dtype(fj))
   mask = present[:, None] & present[None, :]
   terms = _terms(fj, acts, deltas, leaves, chunk_size)
   # The rows' weights multiply the [K, K] matrix, not the [K, N, out] factors.
