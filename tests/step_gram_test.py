@@ -375,15 +375,20 @@ def test_factored_graddrop_step_matches_full_step(leak, chunk_size):
     _assert_close(got.params, total.params)
 
 
-def test_task_rows_of_factors_equal_explicit_rows():
-  """`task_rows` forms each kernel's rows `A^T D_k` in the kernel's layout
-  and scales them by the task weights."""
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_columnwise_blocks_see_the_explicit_rows(chunk_size):
+  """`columnwise_blocks` hands `direction` the rows `w_k A^T D_k` of each
+  block of coordinates: a direction that returns row k rebuilds task k's
+  weighted gradient, in blocks or whole."""
   x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
   jac, rows, _ = _factored(_Wrapped(), x, 3)
   weights = jnp.array([1.0, 0.5, -2.0])
-  got = jax.vmap(lambda t: ravel_pytree(t)[0])(gram_lib.task_rows(jac, weights))
-  np.testing.assert_allclose(got, rows * weights[:, None], rtol=1e-5,
-                             atol=1e-6)
+  for k in range(3):
+    got = gram_lib.columnwise_blocks(jac, weights,
+                                     lambda i, r, offset, k=k: r[k],
+                                     chunk_size)
+    np.testing.assert_allclose(ravel_pytree(got)[0], rows[k] * weights[k],
+                               rtol=1e-5, atol=1e-6)
 
 
 class _ScanBlock(nn.Module):

@@ -26,7 +26,8 @@ norms, embeddings, dense layers with many rows) keeps its per-task gradient
 `[K, ...]` from the same batched VJP, and contributes `J J^T` and `c @ J`.
 
 GradDrop, which needs every coordinate, gets the rows themselves from the same
-factors (`task_rows`: one GEMM `A^T D_k` per task, in the kernel's layout).
+factors (`columnwise_blocks`: one GEMM `A^T D_k` per task and block of input
+rows, in the kernel's layout).
 
 Layers are found by type (`nn.Dense` with the default `dot_general`) and
 path. A Dense inside a lifted transform (`nn.scan`, `nn.vmap`, `nn.remat`)
@@ -411,27 +412,6 @@ def _kernel_rows(a: jax.Array, d: jax.Array) -> jax.Array:
   pass."""
   at = jnp.broadcast_to(a.T.astype(d.dtype), (d.shape[0],) + a.T.shape)
   return jnp.matmul(at, d, precision=_HIGHEST)
-
-
-def task_rows(fj: FactoredJacobian, task_scale: jax.Array) -> Any:
-  """The rows `task_scale[k] * grad L_k` of every shared param, `[K, ...]`.
-
-  For consumers that need every coordinate of every task gradient at once
-  (the train step's GradDrop takes them in blocks: `columnwise_blocks`). A
-  factored kernel's rows `A^T D_k` are one GEMM per task over this device's
-  rows: the multiply-adds of the batched VJP's weight gradients, but with
-  `A^T` transposed once (not each `D_k`) and the rows in the kernel's own
-  layout `[K, in, out]`, so a columnwise consumer reads them without a copy
-  and writes its direction without a transpose.
-
-  Returns a pytree shaped like `params["shared"]` with a leading task axis.
-  """
-  out: dict[tuple[str, ...], jax.Array] = {}
-  for kernel, bias, a, d in _scaled_sites(fj, task_scale):
-    out[kernel] = _kernel_rows(a, d)
-    if bias:
-      out[bias] = jnp.sum(d, axis=1)
-  return _fill_unfactored(fj, out, lambda leaf: _scale_rows(leaf, task_scale))
 
 
 def _scaled_sites(fj: FactoredJacobian, task_scale: jax.Array):
