@@ -170,10 +170,9 @@ def train_loop(*, state: TrainState,
     raise ValueError(f"max_nonfinite_streak must be >= 1, got "
                      f"{max_nonfinite_streak}")
   start = parallel.step_of(state) if parallel else int(state.step)
-  progress = writers.Progress(start, num_steps)
-  history: list[dict] = []
+  logger = _IntervalLogger(writer, task_names, writers.Progress(start, num_steps),
+                           num_steps, max_nonfinite_streak)
   last_eval = None
-  summary_keys = ("loss",) + tuple(f"{n}/loss" for n in task_names)
   if start >= num_steps:
     logging.info("nothing to do: state is at step %d of %d", start, num_steps)
 
@@ -183,34 +182,16 @@ def train_loop(*, state: TrainState,
         data_state=batches.get_state() if hasattr(batches, "get_state")
         else None)
 
-  pending = None  # (step, metrics) checked one step late: no device sync
   with _SigtermFlag() as sigterm:
     for step in range(start, num_steps):
       state, metrics = train_step(state, next(batches))
-      if pending is not None:
-        _check_streak(*pending, task_names, max_nonfinite_streak)
-      pending = (step + 1, metrics)
-      history.append(metrics)
       done = step + 1
       last = done == num_steps
-      if last or (log_every and done % log_every == 0):
-        _check_streak(*pending, task_names, max_nonfinite_streak)
-        pending = None
-        scalars = summarize_train_metrics(history, task_names)
-        history = []
-        if "nonfinite" not in metrics:
-          check_finite(scalars, task_names, done)
-        scalars.update(progress.update(done))
-        writer.write(done, scalars, split="train")
-        logging.info(writers.format_progress(done, num_steps, scalars,
-                                             summary_keys))
+      logger.record(done, metrics,
+                    flush=last or bool(log_every and done % log_every == 0))
       if evaluate is not None and (last or (eval_every and
                                             done % eval_every == 0)):
-        last_eval = evaluate(state.params)
-        writer.write(done, last_eval, split="eval")
-        logging.info("eval @ %d: %s", done, ", ".join(
-            f"{k}={v:.4g}" for k, v in sorted(last_eval.items())
-            if not k.endswith("/count")))
+        last_eval = _evaluate(evaluate, state.params, writer, done)
       if checkpointer is not None and (
           last or (checkpoint_every and done % checkpoint_every == 0)):
         save(done)
@@ -222,11 +203,61 @@ def train_loop(*, state: TrainState,
             save(done)
           checkpointer.wait()
         raise Preempted(done)
-    if pending is not None:
-      _check_streak(*pending, task_names, max_nonfinite_streak)
+    logger.check_pending()
   if checkpointer is not None:
     checkpointer.wait()
   return state, last_eval
+
+
+def _evaluate(evaluate: Callable[[Any], dict[str, float]], params: Any,
+              writer: writers.MetricWriter, done: int) -> dict[str, float]:
+  result = evaluate(params)
+  writer.write(done, result, split="eval")
+  logging.info("eval @ %d: %s", done, ", ".join(
+      f"{k}={v:.4g}" for k, v in sorted(result.items())
+      if not k.endswith("/count")))
+  return result
+
+
+class _IntervalLogger:
+  """Collects per-step metrics and writes their averages every interval.
+
+  The non-finite streak of a step is checked one step late (when the next
+  step has been dispatched), so that logging never waits for the device,
+  except at the end of an interval.
+  """
+
+  def __init__(self, writer: writers.MetricWriter, task_names: Sequence[str],
+               progress: writers.Progress, num_steps: int,
+               max_nonfinite_streak: int):
+    self.writer, self.task_names = writer, tuple(task_names)
+    self.progress, self.num_steps = progress, num_steps
+    self.limit = max_nonfinite_streak
+    self.history: list[dict] = []
+    self.pending = None  # (step, metrics) not yet checked
+    self.summary_keys = ("loss",) + tuple(f"{n}/loss" for n in task_names)
+
+  def check_pending(self) -> None:
+    if self.pending is not None:
+      _check_streak(*self.pending, self.task_names, self.limit)
+      self.pending = None
+
+  def record(self, done: int, metrics: Mapping[str, Any], flush: bool
+             ) -> None:
+    self.check_pending()
+    self.pending = (done, metrics)
+    self.history.append(metrics)
+    if not flush:
+      return
+    self.check_pending()
+    scalars = summarize_train_metrics(self.history, self.task_names)
+    self.history = []
+    if "nonfinite" not in metrics:
+      check_finite(scalars, self.task_names, done)
+    scalars.update(self.progress.update(done))
+    self.writer.write(done, scalars, split="train")
+    logging.info(writers.format_progress(done, self.num_steps, scalars,
+                                         self.summary_keys))
 
 
 def _check_streak(step: int, metrics: Mapping[str, Any],
