@@ -17,6 +17,8 @@
                mtl.get_weighting, mtl.WEIGHTINGS, mtl.Weighting
   aggregation  gradient-level aggregation of per-task gradients
                mtl.get_aggregator, mtl.AGGREGATORS, mtl.Aggregator
+  gradients    the train step's gradient paths (weighted sum, per-task
+               Jacobian, rep_grad, factored Gram engine) behind one spec
   training     TrainState, the pure train/eval steps (`training.step`,
                `training.state`), the NaN/Inf guard (`training.guard`); the
                loop, checkpoints and writers are imported on demand
@@ -47,6 +49,7 @@ from typing import Any
 
 from mtl_jax import aggregation
 from mtl_jax import data
+from mtl_jax import gradients
 from mtl_jax import losses
 from mtl_jax import metrics
 from mtl_jax import models
@@ -115,7 +118,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     # Subpackages and modules.
-    "aggregation", "data", "losses", "metrics", "models", "tasks", "training",
+    "aggregation", "data", "gradients", "losses", "metrics", "models", "tasks", "training",
     "weighting",
     # Tasks.
     "Task", "TaskSet", "classification_task", "multilabel_task",

@@ -8,8 +8,8 @@ as an attribute (`mtl_jax.data.mixture`).
 
 import importlib
 
-_SUBMODULES = ("catalog", "mixture", "multi_digits", "pipeline", "preprocess",
-               "sources", "text")
+_SUBMODULES = ("build", "catalog", "mixture", "multi_digits", "pipeline",
+               "preprocess", "sources", "text")
 
 
 def __getattr__(name: str):
