@@ -513,22 +513,24 @@ def default_train_config():
 
 def build_mixture(data_dir: str, builder_config: str, batch_size: int,
                   config: Any):
-  """The training mixture of the default experiment (experiments/train.py)."""
-  from mtl_jax.data import catalog  # pylint: disable=g-import-not-at-top
-  from mtl_jax.data import mixture as mixture_lib  # pylint: disable=g-import-not-at-top
-  dataset = catalog.get_dataset(
-      "multi_digits", data_dir=data_dir, builder_config=builder_config,
-      sum_loss=config.data.options.sum_loss)
-  tasks = dataset.tasks.select(
-      [n.strip() for n in config.tasks.split(",") if n.strip()])
-  components = []
-  for component in dataset.train:
-    kept, _ = mixture_lib.split_by_label_fraction(
-        mixture_lib.restrict(component, tasks.names),
-        dict(config.data.label_fractions), config.data.label_seed)
-    components.append(kept)  # drop_unlabelled, as in the default config
-  return mixture_lib.Mixture(components, tasks, batch_size=batch_size,
-                             seed=config.seed), tasks
+  """The training mixture of the default experiment, built by the library
+  calls experiments/train.py makes."""
+  from mtl_jax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  d = config.data
+  dataset = data_build.load_dataset(
+      "multi_digits", data_dir=data_dir,
+      options={**dict(d.options), "builder_config": builder_config})
+  tasks = data_build.select_tasks(
+      dataset.tasks, [n.strip() for n in config.tasks.split(",") if n.strip()],
+      dict(config.task_weights))
+  data = data_build.build_data(
+      dataset, tasks, batch_size=batch_size,
+      eval_batch_size=config.eval_batch_size, seed=config.seed,
+      label_fractions=dict(d.label_fractions), label_seed=d.label_seed,
+      drop_unlabelled=d.drop_unlabelled, mixing_method=d.mixture.method,
+      temperature=d.mixture.temperature, rates=dict(d.mixture.rates),
+      size_cap=d.mixture.size_cap, composition=d.mixture.composition)
+  return data.train_mixture, tasks
 
 
 def _examples_per_s(iterator, num_batches: int, batch_size: int) -> float:
