@@ -1,6 +1,8 @@
 """Every weighting and aggregation method trains the multi_digits model, and an
 absent task changes neither the shared update nor any state."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -37,10 +39,26 @@ def batches(small_data_dir):
   return out
 
 
-def _make(names, weighting_name, aggregator_name, rep_grad=False):
+@functools.lru_cache(maxsize=None)
+def _model(names):
+  return build.make_hard_sharing_model(
+      ALL_TASKS.select(names), build.make_trunk("mlp", hidden_sizes=(32, 16)))
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_params(names):
+  """The model's initial params (host arrays), initialised once per task set."""
+  return jax.device_get(state_lib.init_params(
+      _model(names), np.zeros((1, 12, 16, 1), np.float32),
+      jax.random.PRNGKey(0)))
+
+
+def _make(names, weighting_name, aggregator_name, rep_grad=False,
+          params=None):
+  """The initial state (of `params`, default the model's initial params) and
+  the jitted step of the method."""
   tasks = ALL_TASKS.select(names)
-  model = build.make_hard_sharing_model(
-      tasks, build.make_trunk("mlp", hidden_sizes=(32, 16)))
+  model = _model(tuple(names))
   if weighting_name == "static":
     w = weighting.get_weighting("static", weights=tasks.static_weights)
   elif weighting_name == "equal":
@@ -50,8 +68,8 @@ def _make(names, weighting_name, aggregator_name, rep_grad=False):
   agg = (aggregation.get_aggregator(aggregator_name) if aggregator_name
          else None)
   tx = optax.sgd(0.05)
-  params = state_lib.init_params(model, np.zeros((1, 12, 16, 1), np.float32),
-                                 jax.random.PRNGKey(0))
+  if params is None:
+    params = _initial_params(tuple(names))
   state = state_lib.create_train_state(params, tx, w, len(tasks),
                                        jax.random.PRNGKey(1), agg)
   step = jax.jit(step_lib.make_train_step(model.apply, tasks, tx, w,
@@ -109,9 +127,10 @@ def test_method_trains_and_ignores_absent_tasks(batches, kind, name):
   # The shared update with "sum" absent equals the update of a model that
   # never had the task (same init: flax derives each param from its path).
   others = tuple(n for n in names if n != "sum")
-  small, small_step = _make(others, weighting_name, aggregator_name)
-  small = small.replace(params={"shared": before.params["shared"], "tasks": {
-      n: before.params["tasks"][n] for n in others}})
+  small, small_step = _make(
+      others, weighting_name, aggregator_name,
+      params={"shared": before.params["shared"],
+              "tasks": {n: before.params["tasks"][n] for n in others}})
   small = _copy_state_without(small, before, k, len(names))
   small, _ = small_step(small, _select(batches[1], others))
   after_full, _ = step(before, batches[1])
