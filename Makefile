@@ -23,12 +23,14 @@ run: $(STAMP)
 	$(PY) -m experiments.train --config=experiments/configs/multi_digits.py \
 	  --workdir=$(WORKDIR) --config.data.data_dir=$(DATA_DIR)
 
+# Two workers; the tests that share an expensive fixture (a reference run) are
+# marked `xdist_group` and go to one worker, so it is made once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
 
 # Everything but the tests that launch processes (marked `slow`).
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,8 +24,9 @@ def _free_port():
 
 def test_survivor_exits_with_an_error_when_a_process_is_killed(
     small_data_dir, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("MTL_JAX_TEST_XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=1").strip())
   port = _free_port()
   args = [sys.executable, "-m", "experiments.train",
           f"--workdir={tmp_path / 'run'}",

@@ -2,7 +2,8 @@
 
 Each test interrupts a small run once it has committed a checkpoint at step 20
 or later, runs the same command again, and compares the results and the final
-params with one uninterrupted run.
+params with one uninterrupted run. That run also shows that the command
+line's overrides become the run's config.
 """
 
 import json
@@ -19,6 +20,10 @@ import pytest
 
 from mtl_jax.training import checkpoint as checkpoint_lib
 
+# Both tests compare with the same uninterrupted run: one xdist worker runs
+# them (`make test` runs `--dist loadgroup`), so it is made once.
+pytestmark = pytest.mark.xdist_group("resume_uninterrupted")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 60
 CHECKPOINT_EVERY = 10
@@ -28,7 +33,8 @@ INTERRUPT_AFTER = 20  # signal once a checkpoint of this step or later exists
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """One device; compiled programs are cached across the runs of this file."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=os.environ.get("MTL_JAX_TEST_XLA_FLAGS", ""),
               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit")),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -221,3 +227,24 @@ def test_sigterm_saves_the_reached_step_exits_143_and_resumes(
   output = _run_to_end(command, env)
   assert f"resumed from checkpoint at step {saved}" in output
   _assert_same_as(workdir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_command_line_overrides_are_the_runs_config(uninterrupted):
+  """The uninterrupted run is a plain command line: its `--config.<field>`
+  overrides are the run's config, and process 0 logs its progress."""
+  results, _ = uninterrupted.get()
+  assert results["steps"] == NUM_STEPS
+  with open(os.path.join(uninterrupted.workdir, "config.json")) as f:
+    saved = json.load(f)
+  # Every one differs from experiments/configs/multi_digits.py.
+  assert saved["data"]["options"]["builder_config"] == "small"
+  assert saved["model"]["trunk"] == "mlp"
+  assert saved["model"]["hidden_sizes"] == [32]
+  assert saved["model"]["head_hidden_sizes"] == []
+  assert saved["model"]["dropout_rate"] == 0.2
+  assert saved["batch_size"] == 32 and saved["num_steps"] == NUM_STEPS
+  assert saved["optimizer"]["schedule"] == "constant"
+  with open(uninterrupted.workdir + ".log") as f:
+    log = f.read()
+  assert "steps/s" in log and "ETA" in log

@@ -190,31 +190,16 @@ def test_unwritable_workdir_fails_before_training(small_data_dir, tmp_path,
 
 
 def _cli(args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # One device: what is tested is the command line, not a device layout.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ.get("MTL_JAX_TEST_XLA_FLAGS", ""))
   return subprocess.run([sys.executable, "-m", "experiments.train", *args],
                         cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=300)
 
 
-@pytest.mark.slow
-def test_command_line_with_overrides(small_data_dir, tmp_path):
-  workdir = str(tmp_path / "cli")
-  proc = _cli([f"--workdir={workdir}", f"--config.data.data_dir={small_data_dir}",
-               "--config.data.options.builder_config=small", "--config.model.trunk=mlp",
-               "--config.model.hidden_sizes=(16,)", "--config.num_steps=6",
-               "--config.log_every=3", "--config.eval_batch_size=256",
-               "--config.optimizer.learning_rate=0.01",
-               "--config.optimizer.schedule=constant"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "steps/s" in proc.stderr and "ETA" in proc.stderr
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert json.load(f)["steps"] == 6
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  assert saved["optimizer"]["learning_rate"] == 0.01
-  assert saved["model"]["hidden_sizes"] == [16]
-
-
+# A command line's overrides becoming the run's config (config.json) and the
+# progress log are checked on the uninterrupted run of tests/resume_test.py.
 @pytest.mark.slow
 def test_command_line_rejects_unknown_config_key(tmp_path):
   proc = _cli([f"--workdir={tmp_path}", "--config.optimizer.learnig_rate=0.1"])
@@ -258,8 +243,13 @@ def test_two_processes_match_one_device(small_data_dir, tmp_path, one_device):
   _, reference, ref_params = one_device(0.1)
   workdir = str(tmp_path / "multi")
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # The resumed launch reuses the first one's compiled programs.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("MTL_JAX_TEST_XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=2").strip(),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
           f"--config.data.data_dir={small_data_dir}",
           "--config.data.options.builder_config=small", "--config.model.trunk=mlp",
