@@ -7,8 +7,8 @@ all 8.
 
 The suite's time is XLA compilation of many small programs, not their
 execution, so the tests compile with LLVM's code generation at -O0
-(`--xla_backend_optimization_level=0`; the HLO passes, and so what is
-computed, are unchanged), unless XLA_FLAGS already sets a level. Tests that
+(`--xla_backend_optimization_level=0`: the HLO passes are unchanged, only the
+machine code is less optimised), unless XLA_FLAGS already sets a level. Tests that
 launch processes give them these flags (`MTL_JAX_TEST_XLA_FLAGS`) and their
 own device count.
 """
