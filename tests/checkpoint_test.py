@@ -304,6 +304,7 @@ def _kill_during_save(directory, size):
   return seen and not os.path.isdir(os.path.join(directory, "2"))
 
 
+@pytest.mark.slow  # launches a process
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
   size = 75_000_000  # 300 MB of float32: the write takes a while
   for attempt in range(3):

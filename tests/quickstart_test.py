@@ -115,6 +115,7 @@ def test_public_api_names():
     mtl.nope  # pylint: disable=pointless-statement
 
 
+@pytest.mark.slow  # launches a process
 def test_import_does_not_load_tfds_or_matplotlib():
   """`import mtl_jax` costs JAX, Flax and optax; data is loaded on first use,
   as a top-level name or as a submodule attribute (`mtl.data.mixture`)."""
