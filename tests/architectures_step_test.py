@@ -2,9 +2,8 @@
 
 Each architecture is built from its `ArchitectureSpec` (tiny widths), given a
 train state and run through the jitted `make_train_step` with the spec's
-`step_kwargs`, on one fixed batch in which one task has no label. What a full
-`experiments.train.run` per architecture used to show, in numbers: the params
-move, the loss is finite, the metrics name every task, the absent task's head
+`step_kwargs`, on one fixed batch in which one task has no label. In
+numbers: the params move, the loss is finite, the metrics name every task, the absent task's head
 gets exactly zero gradient, a few steps lower the loss, and the eval step
 gives finite metrics for every task. (`tests/train_test.py` checks the
 config -> model wiring of every architecture without training.)
