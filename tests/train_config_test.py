@@ -22,12 +22,7 @@ def _config(**overrides):
   config.eval_batch_size = 256
   config.num_steps = 20
   config.optimizer.warmup_steps = 5
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -47,12 +47,7 @@ def tiny_config(data_dir, **overrides):
   config.checkpoint_every = 4
   config.optimizer.schedule = "constant"
   config.optimizer.learning_rate = 0.01
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

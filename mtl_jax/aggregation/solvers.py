@@ -697,18 +697,41 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
   # The ridge stays out of `cr` so that rounding does not lose it against
   # diagonal entries of size 1.
   reg = ridge * pf  # [K]
+  used, a_reg = _nash_newton(cr, reg, iters)
+  s = _nash_unbias(cr, present, a_reg)
+  any_nonzero = jnp.any(basis.nonzero)
+  # alpha = s / |g| in M's units: |g| = norms * unit.
+  alpha = s / (basis.norms * basis.unit)
+  alpha = jnp.where(present & any_nonzero, alpha, 0.0).astype(dtype)
+  if return_info:
+    res = _nash_residual(cr, present, s)
+    tol = 64 * k * _eps(dtype)
+    info = SolverInfo(used + 3, res, (res <= tol) | ~any_nonzero)
+    return alpha, info
+  return alpha
+
+
+def _nash_newton_step(cr: jax.Array, reg: jax.Array, a: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """The Newton step of `phi + 0.5 |sqrt(reg) s|^2` at `a`, and the squared
+  Newton decrement."""
+  grad = _mv(cr, a) + reg * a - 1.0 / a  # [K]
+  hess = cr + jnp.diag(reg + 1.0 / (a * a))  # [K, K], positive definite
+  delta = -jnp.linalg.solve(hess, grad)
+  return delta, jnp.maximum(-jnp.vdot(grad, delta), 0.0)
+
+
+def _nash_newton(cr: jax.Array, reg: jax.Array, iters: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """`(steps used, s)`: damped Newton with line search on the regularised
+  `phi(s) = 0.5 s^T (C + diag(reg)) s - sum_i log s_i` (see
+  `nash_bargaining`)."""
+  dtype = cr.dtype
   stop = 1e-12 if dtype == jnp.float32 else 1e-24
 
   def phi(a):
     return (0.5 * jnp.vdot(a, _mv(cr, a)) + 0.5 * jnp.vdot(reg * a, a)
             - jnp.sum(jnp.log(a)))
-
-  def newton_step(a, reg):
-    grad = _mv(cr, a) + reg * a - 1.0 / a  # [K]
-    hess = cr + jnp.diag(reg + 1.0 / (a * a))  # [K, K], positive definite
-    delta = -jnp.linalg.solve(hess, grad)
-    dec2 = jnp.maximum(-jnp.vdot(grad, delta), 0.0)  # Newton decrement^2
-    return delta, dec2
 
   def cond(carry):
     i, _, done = carry
@@ -716,7 +739,7 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
 
   def body(carry):
     i, a, _ = carry
-    delta, dec2 = newton_step(a, reg)
+    delta, dec2 = _nash_newton_step(cr, reg, a)
     lam = jnp.sqrt(dec2)
     damped = jnp.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
     # Backtracking on t = 1, 1/2, ..., evaluated all at once.
@@ -736,26 +759,29 @@ def nash_bargaining(m: jax.Array, present: jax.Array | None = None, *,
   a0 = 1.0 / jnp.sqrt(jnp.diagonal(cr) + reg)
   used, a_reg, _ = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), a0, jnp.zeros((), bool)))
+  return used, a_reg
 
-  def residual(a):
-    return jnp.max(jnp.where(present, jnp.abs(a * _mv(cr, a) - 1.0), 0.0))
+
+def _nash_residual(cr: jax.Array, present: jax.Array, a: jax.Array
+                   ) -> jax.Array:
+  """`max_i |a_i (C a)_i - 1|` over present tasks."""
+  return jnp.max(jnp.where(present, jnp.abs(a * _mv(cr, a) - 1.0), 0.0))
+
+
+def _nash_unbias(cr: jax.Array, present: jax.Array, a_reg: jax.Array
+                 ) -> jax.Array:
+  """Up to three plain Newton steps on the unregularised `phi` from the
+  regularised solution, each kept only if it moves no weight by more than 1%
+  and lowers the residual (see `nash_bargaining`)."""
+  zero = jnp.zeros_like(a_reg)
 
   def unbias(_, a):
-    delta, _ = newton_step(a, jnp.zeros_like(reg))
+    delta, _ = _nash_newton_step(cr, zero, a)
     a_new = a + delta
     keep = (jnp.all(jnp.isfinite(a_new)) & jnp.all(a_new > 0)
             & (jnp.max(jnp.abs(a_new / a_reg - 1.0)) <= 1e-2)
-            & (residual(a_new) < residual(a)))
+            & (_nash_residual(cr, present, a_new)
+               < _nash_residual(cr, present, a)))
     return jnp.where(keep, a_new, a)
 
-  s = jax.lax.fori_loop(0, 3, unbias, a_reg)
-  any_nonzero = jnp.any(basis.nonzero)
-  # alpha = s / |g| in M's units: |g| = norms * unit.
-  alpha = s / (basis.norms * basis.unit)
-  alpha = jnp.where(present & any_nonzero, alpha, 0.0).astype(dtype)
-  if return_info:
-    res = residual(s)
-    tol = 64 * k * _eps(dtype)
-    info = SolverInfo(used + 3, res, (res <= tol) | ~any_nonzero)
-    return alpha, info
-  return alpha
+  return jax.lax.fori_loop(0, 3, unbias, a_reg)

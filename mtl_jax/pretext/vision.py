@@ -283,29 +283,44 @@ def luminance(images):
   return jnp.sum(images * weights, axis=-1, keepdims=True)
 
 
-def colourise() -> Pretext:
-  """See the luminance (replicated to 3 channels), predict the colour image."""
+def _image_target_pretext(name: str, corrupt: Callable[[jax.Array, jax.Array],
+                                                        jax.Array],
+                          check_shape: Callable[[int, int, int], None] | None
+                          = None, **hyperparams: Any) -> Pretext:
+  """A pretext whose target is the whole image: the view is
+  `corrupt(rng, images)`, `check_shape(h, w, c)` adds its own input checks
+  to the common ones."""
 
   def check(image_shape):
-    _, _, c = _check_image_shape("colourise", image_shape)
-    if c != 3:
-      raise ValueError(
-          f"colourise: colourisation needs RGB images (C = 3); got C = {c} "
-          f"in (H, W, C) = {tuple(image_shape)} (greyscale inputs have no "
-          f"colour to predict)")
+    h, w, c = _check_image_shape(name, image_shape)
+    if check_shape is not None:
+      check_shape(h, w, c)
 
   def target_shape(image_shape):
     check(image_shape)
     return tuple(image_shape)
 
   def transform(rng, images):
-    del rng  # Deterministic.
     check(_image_shape(images))
-    view = jnp.repeat(luminance(images), 3, axis=-1)
-    return view, images, _ones_mask(images)
+    return corrupt(rng, images), images, _ones_mask(images)
 
-  return Pretext("colourise", transform, target_shape, check, loss="mse",
-                 metrics=("psnr",))
+  return Pretext(name, transform, target_shape, check, loss="mse",
+                 metrics=("psnr",), hyperparams=hyperparams)
+
+
+def colourise() -> Pretext:
+  """See the luminance (replicated to 3 channels), predict the colour image."""
+
+  def check_shape(h, w, c):
+    if c != 3:
+      raise ValueError(
+          f"colourise: colourisation needs RGB images (C = 3); got C = {c} "
+          f"in (H, W, C) = {(h, w, c)} (greyscale inputs have no colour to "
+          f"predict)")
+
+  return _image_target_pretext(
+      "colourise", lambda rng, x: jnp.repeat(luminance(x), 3, axis=-1),
+      check_shape)
 
 
 # ----------------------------------------------------------------------------
@@ -337,24 +352,15 @@ def super_resolve(factor: int = 2) -> Pretext:
     raise ValueError(
         f"super_resolve: factor must be an integer >= 1, got {factor!r}")
 
-  def check(image_shape):
-    h, w, _ = _check_image_shape("super_resolve", image_shape)
+  def check_shape(h, w, c):
     if factor > h or factor > w:
       raise ValueError(
           f"super_resolve: down-sampling factor {factor} is larger than the "
-          f"image (H, W, C) = {tuple(image_shape)}")
+          f"image (H, W, C) = {(h, w, c)}")
 
-  def target_shape(image_shape):
-    check(image_shape)
-    return tuple(image_shape)
-
-  def transform(rng, images):
-    del rng  # Deterministic.
-    check(_image_shape(images))
-    return downsample_upsample(images, factor), images, _ones_mask(images)
-
-  return Pretext("super_resolve", transform, target_shape, check, loss="mse",
-                 metrics=("psnr",), hyperparams=dict(factor=factor))
+  return _image_target_pretext(
+      "super_resolve", lambda rng, x: downsample_upsample(x, factor),
+      check_shape, factor=factor)
 
 
 # ----------------------------------------------------------------------------
@@ -365,40 +371,14 @@ def denoise(noise_std: float = 0.1) -> Pretext:
   """See the image plus N(0, noise_std^2) noise, predict the image."""
   if not noise_std >= 0:
     raise ValueError(f"denoise: noise_std must be >= 0, got {noise_std}")
-
-  def check(image_shape):
-    _check_image_shape("denoise", image_shape)
-
-  def target_shape(image_shape):
-    check(image_shape)
-    return tuple(image_shape)
-
-  def transform(rng, images):
-    check(_image_shape(images))
-    noise = jax.random.normal(rng, images.shape, images.dtype) * noise_std
-    return images + noise, images, _ones_mask(images)
-
-  return Pretext("denoise", transform, target_shape, check, loss="mse",
-                 metrics=("psnr",), hyperparams=dict(noise_std=noise_std))
+  return _image_target_pretext(
+      "denoise", lambda rng, x: x + jax.random.normal(rng, x.shape, x.dtype)
+      * noise_std, noise_std=noise_std)
 
 
 def reconstruct() -> Pretext:
   """An autoencoder: the view and the target are the image."""
-
-  def check(image_shape):
-    _check_image_shape("reconstruct", image_shape)
-
-  def target_shape(image_shape):
-    check(image_shape)
-    return tuple(image_shape)
-
-  def transform(rng, images):
-    del rng
-    check(_image_shape(images))
-    return images, images, _ones_mask(images)
-
-  return Pretext("reconstruct", transform, target_shape, check, loss="mse",
-                 metrics=("psnr",))
+  return _image_target_pretext("reconstruct", lambda rng, x: x)
 
 
 # ----------------------------------------------------------------------------

@@ -258,12 +258,21 @@ def test_deterministic_per_key_different_across_steps_same_under_jit(
   assert differs == random
 
 
-def test_spec_fields():
+def test_spec_describes_what_the_transform_returns():
+  """`target_shape` and `target_dtype` are those of the transform's target,
+  the view keeps the images' shape, the mask is [B] ones: what a head and a
+  loss are built from before any batch is seen."""
+  images = _images(b=4, h=8, w=8, c=3)
   for name in pretext.PRETEXTS:
     p = pretext.get_pretext(name)
+    view, target, mask = p.transform(KEY, images)
     assert p.name == name
-    assert p.loss in ("mse", "l1", "softmax_ce")
-    assert p.metrics in (("psnr",), ("accuracy",))
+    assert view.shape == images.shape, name
+    assert target.shape == (4,) + tuple(p.target_shape((8, 8, 3))), name
+    assert target.dtype == p.target_dtype, name
+    np.testing.assert_array_equal(mask, np.ones(4, np.float32))
+    assert (p.loss, p.metrics) in (("mse", ("psnr",)),
+                                   ("softmax_ce", ("accuracy",))), name
 
 
 # ---------------------------------------------------------------------------
