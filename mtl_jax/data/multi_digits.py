@@ -15,12 +15,36 @@ disjoint train and test POOLS (about 2/3 : 1/3, fixed seed, pixel-identical
 images grouped so that they fall on one side). Train composites only use train
 pool digits and test composites only test pool digits, whatever the seed.
 
+Colour variant (configs "colour" and "colour_small", images uint8
+[12, 16, 3]), for self-supervised colourisation: colour follows content, so it
+is learnable from the grey image. The same seed gives the same digits, offsets
+and labels as the grey variant; the colour draws come after them from the same
+generator. Each digit's strokes take its class's colour C from
+`CLASS_COLOURS`: ten hues 36 degrees apart, each the most saturated RGB colour
+of BT.601 luminance Y = 150 at its hue (0 red (255, 105, 105), 1 orange
+(230, 138, 0), 2 yellow-green (145, 182, 0), 3 green (46, 232, 0), 4 spring
+green (0, 237, 95), 5 cyan (0, 214, 214), 6 sky blue (94, 158, 255),
+7 lavender (153, 128, 255), 8 violet (223, 93, 255), 9 pink (255, 89, 189)).
+Each digit of each example jitters it: stroke = v * (Y + s * (C - Y)), with
+saturation s ~ U[0.7, 1] and brightness v ~ U[0.85, 1] (drawn for all left
+digits, s then v, then for all right digits). The background is a fixed
+vertical gradient, linear in the row from a dusk-sky blue (24, 36, 84) on
+row 0 to an earth brown (56, 36, 12) on row 11 (`BACKGROUND_TOP`,
+`BACKGROUND_BOTTOM`; luminance 37.9 to 39.2). Each digit is alpha-blended
+over the background with alpha = its grey intensity / 255; where the digits
+overlap, the pixel comes from the digit with the larger grey intensity (the
+left one on ties), as the grey canvas takes the max; the result is rounded to
+uint8. The luminance of a pixel is thus bg + alpha * (v * 150 - bg), bg about
+38: an increasing affine image of the grey canvas (per-digit slope), so the
+digits stay recognisable in grey while the hue is told only by their shape.
+
 Two ways in:
-  * `generate_split(split, n, seed)`: pure numpy, no files; used by tests and by
-    the TFDS builder.
+  * `generate_split(split, n, seed, colour=False)`: pure numpy, no files; used
+    by tests and by the TFDS builder.
   * The TFDS builder `MultiDigits` ("multi_digits", configs "default" and
-    "small", array_record files, no TensorFlow needed): `prepare(data_dir)`
-    once, then `load_split(split, data_dir=...)` reads a whole split.
+    "small" (grey), "colour" and "colour_small", array_record files, no
+    TensorFlow needed): `prepare(data_dir, config)` once, then
+    `load_split(split, data_dir=..., config=...)` reads a whole split.
 
 `to_batch_arrays` converts a split into the batch format of docs/design.md (inputs,
 labels zeroed where unlabelled, masks). Partial labels, the unlabelled pool and
@@ -44,12 +68,33 @@ from mtl_jax import tasks as tasks_lib
 TASK_NAMES = ("left", "right", "present", "sum")
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
-IMAGE_SHAPE = (12, 16, 1)  # rows, cols, channels
+IMAGE_SHAPE = (12, 16, 1)  # rows, cols, channels (the grey configs)
+COLOUR_IMAGE_SHAPE = (12, 16, 3)  # the colour configs, RGB
 # Number of composites per split for each TFDS builder config.
 CONFIG_SIZES = {
     "default": {"train": 20000, "test": 4000},
     "small": {"train": 2000, "test": 1000},
+    "colour": {"train": 20000, "test": 4000},
+    "colour_small": {"train": 2000, "test": 1000},
 }
+COLOUR_CONFIGS = ("colour", "colour_small")
+# Stroke colour of each digit class (RGB, row k = class k): hue 36 * k
+# degrees, the most saturated colour of BT.601 luminance 150 at that hue.
+# Equal luminance keeps the grey view a faithful copy of the digit shapes, so
+# a colouriser must recognise the digit (not read its brightness) to colour it.
+CLASS_COLOURS = np.array([
+    [255, 105, 105], [230, 138, 0], [145, 182, 0], [46, 232, 0],
+    [0, 237, 95], [0, 214, 214], [94, 158, 255], [153, 128, 255],
+    [223, 93, 255], [255, 89, 189]], dtype=np.float64)
+CLASS_COLOURS.flags.writeable = False
+# Background colour on the first and last row, linear in between; both of
+# luminance about 38, far below the strokes' 127..150, so digits stand out.
+BACKGROUND_TOP = (24, 36, 84)
+BACKGROUND_BOTTOM = (56, 36, 12)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
+# Per-example jitter ranges of each digit's stroke colour.
+_SATURATION_RANGE = (0.7, 1.0)
+_BRIGHTNESS_RANGE = (0.85, 1.0)
 
 _DIGIT_SIZE = 8
 _SOURCE_MAX = 16  # load_digits intensities are integers 0..16.
@@ -162,23 +207,86 @@ def _draw_offsets(rng: np.random.Generator, rows: tuple[int, int],
   return np.stack([r, c], axis=1).astype(np.int64)  # [N, 2]
 
 
-def generate_split(split: str, num_examples: int,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def _stroke_colours(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+  """Jittered stroke colours of digits of classes `labels`.
+
+  Args:
+    rng: draws the saturation factors of all N digits, then their brightness
+      factors.
+    labels: int [N], digit classes.
+
+  Returns:
+    float64 [N, 3], `v * (Y + s * (C - Y))` per digit (module docstring).
+  """
+  n = len(labels)
+  saturation = rng.uniform(*_SATURATION_RANGE, size=(n, 1))
+  brightness = rng.uniform(*_BRIGHTNESS_RANGE, size=(n, 1))
+  table = CLASS_COLOURS[labels]  # [N, 3]
+  luma = table @ np.asarray(LUMA_WEIGHTS)  # [N]
+  # Scaling towards the grey of equal luminance keeps the luminance, so only
+  # `brightness` moves it; both factors <= 1 keep the colour in 0..255.
+  grey = luma[:, None]
+  return brightness * (grey + saturation * (table - grey))
+
+
+def background() -> np.ndarray:
+  """The colour configs' background, float64 [12, 16, 3], before rounding."""
+  rows = IMAGE_SHAPE[0]
+  t = np.linspace(0.0, 1.0, rows)[:, None]  # [12, 1]
+  top, bottom = np.asarray(BACKGROUND_TOP), np.asarray(BACKGROUND_BOTTOM)
+  column = (1 - t) * top + t * bottom  # [12, 3]
+  return np.broadcast_to(column[:, None, :], COLOUR_IMAGE_SHAPE)
+
+
+def _colour_composite(rng: np.random.Generator, left_canvas: np.ndarray,
+                      right_canvas: np.ndarray, left: np.ndarray,
+                      right: np.ndarray) -> np.ndarray:
+  """Colours and composes two digits per example (see the module docstring).
+
+  Args:
+    rng: the split's generator, after the grey draws; draws the left digits'
+      jitter, then the right digits'.
+    left_canvas, right_canvas: uint8 [N, 12, 16], each digit alone on its
+      canvas (`_paste`).
+    left, right: int [N], the digit classes.
+
+  Returns:
+    uint8 [N, 12, 16, 3], RGB.
+  """
+  left_colour = _stroke_colours(rng, left)[:, None, None, :]  # [N,1,1,3]
+  right_colour = _stroke_colours(rng, right)[:, None, None, :]
+  bg = background()[None]  # [1, 12, 16, 3]
+  left_alpha = left_canvas[..., None] / 255.0  # [N, 12, 16, 1]
+  right_alpha = right_canvas[..., None] / 255.0
+  # The brighter digit wins a pixel, as the grey canvas takes the max; each
+  # digit is blended over the background by its own intensity.
+  alpha = np.maximum(left_alpha, right_alpha)
+  stroke = np.where(right_alpha > left_alpha, right_colour, left_colour)
+  image = bg + alpha * (stroke - bg)
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def generate_split(split: str, num_examples: int, seed: int = 0, *,
+                   colour: bool = False) -> dict[str, np.ndarray]:
   """Generates `num_examples` composites of one split, deterministically.
 
   All randomness comes from `np.random.default_rng([seed, stream(split)])`,
   in a fixed order: left digit ids, right digit ids, left offsets, right
-  offsets. Train uses only train-pool digits and test only test-pool digits
-  (`source_pools()`), for every seed.
+  offsets, and with `colour` then the colour jitter (left digits' saturation
+  and brightness, then the right digits'), so everything but `image` is the
+  same with and without `colour`. Train uses only train-pool digits and test
+  only test-pool digits (`source_pools()`), for every seed.
 
   Args:
     split: "train" or "test".
     num_examples: number of composites, >= 0.
     seed: non-negative integer seed.
+    colour: make RGB images (the module docstring says how) instead of grey.
 
   Returns:
     A dict of arrays with leading axis N = num_examples:
-      image:        uint8   [N, 12, 16, 1], intensities 0..255
+      image:        uint8   [N, 12, 16, 1], intensities 0..255 (grey), or
+                    uint8   [N, 12, 16, 3], RGB 0..255 (`colour`)
       left, right:  int64   [N], digit classes 0..9
       present:      float32 [N, 10], multi-hot of {left, right}
       sum:          float32 [N], left + right
@@ -204,11 +312,15 @@ def generate_split(split: str, num_examples: int,
   left_offset = _draw_offsets(rng, _LEFT_ROWS, _LEFT_COLS, num_examples)
   right_offset = _draw_offsets(rng, _RIGHT_ROWS, _RIGHT_COLS, num_examples)
 
-  # Pasting already-scaled digits then taking the max equals scaling the max,
-  # because rounding after a monotone scale preserves order.
-  image = np.maximum(_paste(images[left_id], left_offset),
-                     _paste(images[right_id], right_offset))[..., None]
   left, right = labels[left_id], labels[right_id]
+  left_canvas = _paste(images[left_id], left_offset)
+  right_canvas = _paste(images[right_id], right_offset)
+  if colour:
+    image = _colour_composite(rng, left_canvas, right_canvas, left, right)
+  else:
+    # Pasting already-scaled digits then taking the max equals scaling the
+    # max, because rounding after a monotone scale preserves order.
+    image = np.maximum(left_canvas, right_canvas)[..., None]
   present = np.zeros((num_examples, NUM_CLASSES), dtype=np.float32)
   rows = np.arange(num_examples)
   present[rows, left] = 1.0
@@ -230,11 +342,32 @@ def generate_split(split: str, num_examples: int,
 # TFDS builder.
 
 
+def _check_config(config: str) -> None:
+  if config not in CONFIG_SIZES:
+    raise ValueError(f"Unknown multi_digits config {config!r}; valid configs "
+                     f"are {tuple(CONFIG_SIZES)}.")
+
+
+def image_shape(config: str = "default") -> tuple[int, int, int]:
+  """The shape of one image of builder config `config`.
+
+  Returns:
+    `IMAGE_SHAPE` (12, 16, 1) for the grey configs, `COLOUR_IMAGE_SHAPE`
+    (12, 16, 3) for the colour ones.
+
+  Raises:
+    ValueError: unknown config.
+  """
+  _check_config(config)
+  return COLOUR_IMAGE_SHAPE if config in COLOUR_CONFIGS else IMAGE_SHAPE
+
+
 @dataclasses.dataclass(eq=False, kw_only=True)
 class MultiDigitsConfig(tfds.core.BuilderConfig):
-  """Builder config: how many composites each split holds."""
+  """Builder config: how many composites each split holds, grey or colour."""
   num_train: int = 0
   num_test: int = 0
+  colour: bool = False
 
 
 class MultiDigits(tfds.core.GeneratorBasedBuilder):
@@ -256,9 +389,11 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
       MultiDigitsConfig(
           name=name,
           description=(f"{sizes['train']} train and {sizes['test']} test "
+                       f"{'colour ' if name in COLOUR_CONFIGS else ''}"
                        "composites."),
           num_train=sizes["train"],
           num_test=sizes["test"],
+          colour=name in COLOUR_CONFIGS,
       ) for name, sizes in CONFIG_SIZES.items()
   ]
 
@@ -272,14 +407,19 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     int64 = np.int64
+    colour = self.builder_config.colour
     return self.dataset_info_from_configs(
         description=(
             "Two handwritten sklearn digits side by side on a 12x16 canvas, "
-            "with left, right, present (multi-hot) and sum labels."),
+            "with left, right, present (multi-hot) and sum labels; the "
+            "colour configs colour each digit by its class over a vertical "
+            "background gradient."),
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(
-                shape=IMAGE_SHAPE, dtype=np.uint8,
-                doc="Two-digit composite, intensities 0..255."),
+                shape=COLOUR_IMAGE_SHAPE if colour else IMAGE_SHAPE,
+                dtype=np.uint8,
+                doc=("Two-digit composite, RGB 0..255." if colour else
+                     "Two-digit composite, intensities 0..255.")),
             "left": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
             "right": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
             "present": tfds.features.Tensor(
@@ -309,7 +449,8 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, split: str, num_examples: int):
-    arrays = generate_split(split, num_examples, seed=_BUILDER_SEED)
+    arrays = generate_split(split, num_examples, seed=_BUILDER_SEED,
+                            colour=self.builder_config.colour)
     for i in range(num_examples):
       example = {name: values[i] for name, values in arrays.items()}
       example["index"] = i
@@ -317,9 +458,7 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def _builder(data_dir: str, config: str) -> MultiDigits:
-  if config not in CONFIG_SIZES:
-    raise ValueError(f"Unknown multi_digits config {config!r}; valid configs "
-                     f"are {tuple(CONFIG_SIZES)}.")
+  _check_config(config)
   return MultiDigits(config=config, data_dir=data_dir,
                      file_format="array_record")
 
@@ -330,7 +469,8 @@ def prepare(data_dir: str, config: str = "default") -> None:
   Args:
     data_dir: TFDS data directory; files go to
       `{data_dir}/multi_digits/{config}/1.0.0/`.
-    config: "default" (20000 train / 4000 test) or "small" (2000 / 1000).
+    config: "default" (20000 train / 4000 test) or "small" (2000 / 1000),
+      grey; "colour" and "colour_small", the same sizes in colour.
 
   Raises:
     ValueError: unknown config.
@@ -346,8 +486,8 @@ def load_split(split: str, *, data_dir: str,
                config: str = "default") -> dict[str, np.ndarray]:
   """Reads a whole prepared split into numpy, in `generate_split` order.
 
-  The result equals `generate_split(split, n, seed=0)` array for array, with
-  n the config's split size.
+  The result equals `generate_split(split, n, seed=0, colour=c)` array for
+  array, with n the config's split size and c whether it is a colour config.
 
   Args:
     split: "train" or "test".
@@ -433,7 +573,7 @@ def to_batch_arrays(examples: Mapping[str, np.ndarray],
     tasks: the tasks to include, a subset of `TASK_NAMES`.
 
   Returns:
-    {"inputs": float32 [N, 12, 16, 1] in [0, 1],
+    {"inputs": float32 [N, 12, 16, C] in [0, 1] (C = 1 grey, 3 colour),
      "labels": {"left": int32 [N], "right": int32 [N],
                 "present": float32 [N, 10], "sum": float32 [N]} (requested
                tasks only),

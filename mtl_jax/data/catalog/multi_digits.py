@@ -6,6 +6,11 @@ mixture components whose every example is labelled for all four tasks (left,
 right, present, sum). Partial labels, the unlabelled pool and sampling rates
 are then the experiment's choice, through the same machinery as every other
 dataset (`mixture.split_by_label_fraction`, `mixture.Mixture`).
+
+The colour builder configs ("colour", "colour_small") give RGB inputs
+[12, 16, 3] with the same labels; `Dataset.info["image_shape"]` is the shape of
+one input image, (12, 16, 1) or (12, 16, 3). The trunks read the channel count
+from the inputs themselves, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ def dataset(*, data_dir: str | None = None, builder_config: str = "default",
 
   Args:
     data_dir: TFDS data directory (None: TFDS's default).
-    builder_config: "default" (20000 train / 4000 test) or "small".
+    builder_config: "default" (20000 train / 4000 test) or "small" (2000 /
+      1000), grey; "colour" or "colour_small", the same sizes in RGB.
     sum_loss: loss of the `sum` regression task ("mse", "l1", "huber").
     prepare: write the array_record files if they are missing (they are built
       from scikit-learn's digits, nothing is downloaded).
@@ -35,6 +41,7 @@ def dataset(*, data_dir: str | None = None, builder_config: str = "default",
     ValueError: unknown builder config or loss.
     FileNotFoundError: not prepared and `prepare=False`.
   """
+  image_shape = md.image_shape(builder_config)  # fails early on a bad config
   load = md.load_or_prepare if prepare else md.load_split
   components = {}
   for split in md.SPLITS:
@@ -44,4 +51,5 @@ def dataset(*, data_dir: str | None = None, builder_config: str = "default",
     components[split] = mixture.Component(name, source, _convert)
   return catalog.Dataset(
       name="multi_digits", tasks=md.task_set(sum_loss=sum_loss),
-      train=(components["train"],), eval=(components["test"],), info={})
+      train=(components["train"],), eval=(components["test"],),
+      info={"image_shape": image_shape})
