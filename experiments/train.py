@@ -34,6 +34,7 @@ import optax
 import tensorflow_datasets as tfds
 
 from experiments.configs import methods
+from experiments.configs import pretexts as pretexts_config
 from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
@@ -153,6 +154,13 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   data_build.check_mixing_options(
       d.mixture.method, composition=d.mixture.composition,
       temperature=d.mixture.temperature, size_cap=d.mixture.size_cap)
+  for name, (_, options) in pretexts_config.make_pretexts(
+      config.pretext).items():
+    if options["rows"] == "unlabelled" and d.drop_unlabelled:
+      raise ValueError(
+          f"config.pretext.{name}.rows='unlabelled' trains on the unlabelled "
+          "pool, which config.data.drop_unlabelled=True leaves out; set "
+          "config.data.drop_unlabelled=False")
 
 
 def _make_weighting(config: ml_collections.ConfigDict,
@@ -240,23 +248,24 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   d, a = config.data, config.aggregation
   dataset = data_build.load_dataset(d.name, data_dir=d.data_dir or None,
                                     options=dict(d.options))
-  tasks = data_build.select_tasks(dataset.tasks, _task_names(config),
-                                  dict(config.task_weights),
-                                  weights_field="config.task_weights")
+  supervised = data_build.select_tasks(dataset.tasks, _task_names(config),
+                                       dict(config.task_weights),
+                                       weights_field="config.task_weights")
   data_build.check_task_names(dict(d.label_fractions), dataset.tasks.names,
                               "config.data.label_fractions")
-  weighting = _make_weighting(config, tasks.static_weights)
   data = data_build.build_data(
-      dataset, tasks, batch_size=config.batch_size,
+      dataset, supervised, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, seed=config.seed,
       label_fractions=dict(d.label_fractions), label_seed=d.label_seed,
       drop_unlabelled=d.drop_unlabelled, mixing_method=d.mixture.method,
       temperature=d.mixture.temperature, rates=dict(d.mixture.rates),
       size_cap=d.mixture.size_cap, composition=d.mixture.composition,
       fractions_field="config.data.label_fractions")
-  model = _make_model(config, tasks, dataset.info)
   mixture = data.train_mixture
   sample = mixture.batch(mixture.initial_state())[0]["inputs"][:1]
+  tasks = _with_pretexts(config, supervised, sample)
+  weighting = _make_weighting(config, tasks.static_weights)
+  model = _make_model(config, tasks, dataset.info)
   return Experiment(
       tasks=tasks, model=model, optimizer=checked.optimizer,
       schedule=checked.schedule, weighting=weighting,
@@ -268,6 +277,29 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       param_counts=_param_counts(config, model, tasks, dataset.info, sample),
       num_train_examples=data.num_train_examples,
       num_unlabelled=data.num_unlabelled, parallel=checked.parallel)
+
+
+def _with_pretexts(config: ml_collections.ConfigDict,
+                   supervised: tasks_lib.TaskSet, sample: Any
+                   ) -> tasks_lib.TaskSet:
+  """The supervised tasks and the config's pretext tasks, checked against
+  the inputs' shape (one example of `sample`)."""
+  if not config.pretext.names.strip():
+    return supervised
+  clash = sorted(set(supervised.names) & set(
+      pretexts_config.pretext_names(config.pretext)))
+  if clash:
+    raise ValueError(f"config.pretext.names: pretext task(s) {clash} have "
+                     "the name of a supervised task")
+  if not hasattr(sample, "shape") or sample.ndim != 4:
+    raise ValueError(
+        f"config.pretext.names: the vision pretexts need image inputs "
+        f"[B, H, W, C]; dataset {config.data.name!r} gives "
+        f"{jax.tree.map(lambda x: x.shape, sample)}")
+  tasks = tasks_lib.TaskSet([*supervised, *pretexts_config.pretext_tasks(
+      config.pretext, sample.shape[1:])])
+  tasks.check_pretexts(sample.shape[1:])
+  return tasks
 
 
 def make_parallel(config: ml_collections.ConfigDict
@@ -384,7 +416,7 @@ def _write_outputs(workdir: str, exp: Experiment,
   final_eval = results["eval"]
   _write_json(os.path.join(workdir, "results.json"), results)
   eval_keys = tuple(k for k in sorted(final_eval)
-                    if k.split("/")[1] in ("accuracy", "f1", "mae"))
+                    if k.split("/")[1] in ("accuracy", "f1", "mae", "psnr"))
   writers.plot_curves(os.path.join(workdir, writers.JSONL_FILE),
                       os.path.join(workdir, "curves.png"), exp.tasks.names,
                       eval_keys)

@@ -15,6 +15,17 @@ Batches follow the batch contract of docs/design.md:
 `TaskSet.validate_batch` checks a host (numpy) batch against the specs so that a
 user's mistake fails with a message naming the task and the problem before anything
 is compiled.
+
+**Pretext tasks** (self-supervised) carry a `pretext` (a
+`mtl_jax.pretext.Pretext`): their labels are not in the batch but made inside
+the train step from the inputs (`mtl_jax.pretext.views.add_views`). Every task
+reads a **view**: `"inputs"` (the batch's inputs, the default) or a view that a
+pretext task defines, named by its `view` field (by default the pretext task's
+own name; an identity pretext, such as `reconstruct`, reads `"inputs"`).
+Tasks on the same view share one trunk pass, so pretext tasks that name the
+same view must apply the same corruption (`Pretext.view_id`). A pretext task's
+`rows` say which rows it trains on: "all" (default), "labelled" (rows labelled
+for some supervised task) or "unlabelled" (the pool).
 """
 
 from __future__ import annotations
@@ -32,6 +43,12 @@ from mtl_jax import metrics as metrics_lib
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 KINDS = ("classification", "multilabel", "regression")
+# `Pretext.view_id` of a pretext whose view is its inputs unchanged.
+IDENTITY_VIEW = "identity"
+# The view of the batch's own inputs.
+INPUTS_VIEW = "inputs"
+# Which rows a pretext task trains on.
+ROWS = ("all", "labelled", "unlabelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +66,11 @@ class Task:
     metrics: metrics reported by evaluation, each over labelled examples only.
     weight: static loss weight (used by the `static` weighting method).
     num_classes: number of classes for classification tasks (label range check).
+    pretext: for a self-supervised task, the `mtl_jax.pretext.Pretext` whose
+      transform makes its view, label and mask in the step; None for a task
+      labelled in the batch.
+    view: the view the task reads: "inputs" or the view of a pretext task.
+    rows: a pretext task's rows: one of `ROWS` ("all" for supervised tasks).
   """
 
   name: str
@@ -60,10 +82,22 @@ class Task:
   metrics: tuple[metrics_lib.Metric, ...]
   weight: float = 1.0
   num_classes: int | None = None
+  pretext: Any = None
+  view: str = INPUTS_VIEW
+  rows: str = "all"
 
   def __post_init__(self):
     if not self.name or "/" in self.name:
       raise ValueError(f"invalid task name {self.name!r}: must be non-empty, no '/'")
+    if not self.view or "/" in self.view:
+      raise ValueError(f"task {self.name!r}: invalid view name {self.view!r}: "
+                       "must be non-empty, no '/'")
+    if self.rows not in ROWS:
+      raise ValueError(f"task {self.name!r}: unknown rows {self.rows!r}; "
+                       f"valid: {', '.join(ROWS)}")
+    if self.pretext is None and self.rows != "all":
+      raise ValueError(f"task {self.name!r}: rows={self.rows!r} is for pretext "
+                       "tasks; a supervised task trains on its labelled rows")
     if self.kind not in KINDS:
       raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; "
                        f"valid: {', '.join(KINDS)}")
@@ -73,6 +107,11 @@ class Task:
     names = [m.name for m in self.metrics]
     if len(set(names)) != len(names):
       raise ValueError(f"task {self.name!r}: duplicate metric names {names}")
+
+  @property
+  def is_pretext(self) -> bool:
+    """True when the step makes the task's labels (not the batch)."""
+    return self.pretext is not None
 
   @property
   def output_dim(self) -> int:
@@ -158,6 +197,7 @@ class TaskSet(Sequence[Task]):
       raise ValueError(f"duplicate task names: {dupes}")
     self._tasks = tasks
     self._by_name = {t.name: t for t in tasks}
+    _check_views(tasks)
 
   def __len__(self) -> int:
     return len(self._tasks)
@@ -180,6 +220,51 @@ class TaskSet(Sequence[Task]):
   @property
   def static_weights(self) -> tuple[float, ...]:
     return tuple(t.weight for t in self._tasks)
+
+  @property
+  def supervised(self) -> tuple[Task, ...]:
+    """The tasks labelled in the batch, in task order."""
+    return tuple(t for t in self._tasks if not t.is_pretext)
+
+  @property
+  def pretexts(self) -> tuple[Task, ...]:
+    """The pretext tasks (labels made in the step), in task order."""
+    return tuple(t for t in self._tasks if t.is_pretext)
+
+  @property
+  def view_names(self) -> tuple[str, ...]:
+    """The distinct views the tasks read: "inputs" first if any task reads
+    it, then the others in task order. The step runs one trunk pass each."""
+    views = [t.view for t in self._tasks]
+    ordered = [INPUTS_VIEW] if INPUTS_VIEW in views else []
+    return tuple(dict.fromkeys(ordered + views))
+
+  def check_pretexts(self, input_shape: Sequence[int]) -> None:
+    """Checks every pretext task against one example's input shape.
+
+    Each pretext's own check runs (a grid that does not divide the image,
+    colourisation of a greyscale image, a down-sampling factor larger than the
+    image, ...), and its target must fit the task's label and head shapes.
+
+    Raises:
+      ValueError: naming the task and the problem.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    for task in self.pretexts:
+      try:
+        task.pretext.check(input_shape)
+        target = tuple(task.pretext.target_shape(input_shape))
+      except ValueError as e:
+        raise ValueError(f"pretext task {task.name!r}: {e}") from None
+      head = target + ((task.num_classes,) if task.kind == "classification"
+                       else ())
+      if task.label_shape != target or task.output_shape != head:
+        raise ValueError(
+            f"pretext task {task.name!r}: the {task.pretext.name} target of "
+            f"inputs {input_shape} has shape {target}, which does not fit the "
+            f"task's label shape {task.label_shape} and head output shape "
+            f"{task.output_shape} (expected {head}); build the task for these "
+            "inputs (mtl_jax.pretext.pretext_task)")
 
   def get(self, name: str) -> Task:
     """Returns the task called `name`; raises KeyError listing the valid names."""
@@ -211,10 +296,17 @@ class TaskSet(Sequence[Task]):
         raise ValueError(f"batch has no {key!r} entry; expected keys "
                          "'inputs', 'labels', 'masks'")
     batch_size = _check_inputs(batch["inputs"])
+    supervised = [t.name for t in self.supervised]
+    pretexts = [t.name for t in self.pretexts]
     for field in ("labels", "masks"):
       given = set(batch[field])
+      made = sorted(given & set(pretexts))
       unknown = sorted(given - set(self.names))
-      missing = [n for n in self.names if n not in given]
+      missing = [n for n in supervised if n not in given]
+      if made:
+        raise ValueError(f"batch[{field!r}] has entries for pretext task(s) "
+                         f"{made}: their labels and masks are made in the "
+                         "train step from the inputs, not read from the batch")
       if unknown:
         raise ValueError(f"batch[{field!r}] has unknown task(s) {unknown}; "
                          f"tasks: {', '.join(self.names)}")
@@ -222,11 +314,64 @@ class TaskSet(Sequence[Task]):
         raise ValueError(f"batch[{field!r}] is missing task(s) {missing}: every "
                          "task needs an entry in every batch (mask 0 where "
                          "unlabelled)")
-    for task in self:
+    if "valid" in batch:
+      _check_valid(np.asarray(batch["valid"]), batch_size)
+    for task in self.supervised:
       label = np.asarray(batch["labels"][task.name])
       mask = np.asarray(batch["masks"][task.name])
       _check_label(task, label, batch_size)
       _check_mask(task, mask, label.shape)
+    if self.pretexts:
+      inputs = batch["inputs"]
+      if not hasattr(inputs, "shape"):
+        raise ValueError(f"pretext tasks {pretexts} need image inputs "
+                         "[B, H, W, C]; batch['inputs'] is a "
+                         f"{type(inputs).__name__}")
+      self.check_pretexts(np.shape(inputs)[1:])
+
+
+def check_pretext_view(name: str, pretext: Any, view: str) -> None:
+  """Only an identity pretext may read the inputs view."""
+  if view == INPUTS_VIEW and pretext.view_id != IDENTITY_VIEW:
+    raise ValueError(
+        f"pretext task {name!r}: the {pretext.name} pretext corrupts its "
+        f"inputs, so it cannot read the {INPUTS_VIEW!r} view; give it a view "
+        "of its own")
+
+
+def _check_views(tasks: Sequence[Task]) -> None:
+  """Every view is the inputs or made by a pretext task; the pretext tasks
+  on one view apply the same corruption."""
+  made: dict[str, Task] = {}
+  for task in tasks:
+    if not task.is_pretext:
+      continue
+    view_id = task.pretext.view_id
+    check_pretext_view(task.name, task.pretext, task.view)
+    if task.view == INPUTS_VIEW:
+      continue
+    first = made.setdefault(task.view, task)
+    if first.pretext.view_id != view_id:
+      raise ValueError(
+          f"pretext tasks {first.name!r} and {task.name!r} both read view "
+          f"{task.view!r} but apply different corruptions "
+          f"({first.pretext.view_id} vs {view_id}); tasks share a view only "
+          "if they make it the same way")
+  for task in tasks:
+    if task.view != INPUTS_VIEW and task.view not in made:
+      raise ValueError(
+          f"task {task.name!r} reads view {task.view!r}, which no pretext "
+          f"task makes; views: {', '.join([INPUTS_VIEW, *made])}")
+
+
+def _check_valid(valid: np.ndarray, batch_size: int) -> None:
+  if valid.shape != (batch_size,) or not np.issubdtype(valid.dtype,
+                                                       np.floating):
+    raise ValueError(f"batch['valid'] must be float [batch] = [{batch_size}] "
+                     f"(1.0 for a real row, 0.0 for padding), got "
+                     f"{valid.dtype} {valid.shape}")
+  if np.any((valid != 0) & (valid != 1)):
+    raise ValueError("batch['valid'] values must be 0.0 or 1.0")
 
 
 def _check_inputs(inputs: Any) -> int:

@@ -14,6 +14,7 @@ Override any field on the command line, e.g.
 import ml_collections
 
 from experiments.configs import methods
+from experiments.configs import pretexts
 from mtl_jax import aggregation
 from mtl_jax import weighting
 from mtl_jax.models import build as models_build
@@ -54,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.tasks = "left,right,present,sum"
   config.task_weights = ml_collections.ConfigDict(
       {"left": 1.0, "right": 1.0, "present": 1.0, "sum": 0.5})
+
+  # Self-supervised tasks next to the supervised ones ("" = none), e.g.
+  # "grid_mask,rotate"; options under config.pretext.<name> (see
+  # experiments/configs/pretexts.py). They learn from every row, so mix the
+  # unlabelled pool in with data.drop_unlabelled=False.
+  config.pretext = pretexts.pretext_block()
 
   config.model = ml_collections.ConfigDict()
   # hard_sharing | soft_sharing | cross_stitch | mtan | mmoe | cgc | ple |

@@ -447,10 +447,13 @@ class _Assembler:
           f"{self.input_spec} (from source {self._input_source!r}); "
           "preprocess every source to the same spec in its convert function")
 
-  def assemble(self, comp: np.ndarray, rows: np.ndarray) -> Batch:
+  def assemble(self, comp: np.ndarray, rows: np.ndarray,
+               valid: bool = False) -> Batch:
     """A batch whose slot j holds row `rows[j]` of component `comp[j]`.
 
-    Slots with `comp[j] == -1` are padding: zero inputs, zero labels, mask 0.
+    Slots with `comp[j] == -1` are padding: zero inputs, zero labels, mask 0
+    (and `batch["valid"]` 0.0 with `valid`, 1.0 on the real rows, so that
+    tasks whose labels are made from the inputs can leave padding out).
     """
     b = len(comp)
     inputs = jax.tree.map(lambda s: np.zeros((b,) + s[0], s[1]),
@@ -470,7 +473,10 @@ class _Assembler:
       for t in part["labels"]:
         labels[t][slots] = part["labels"][t]
         masks[t][slots] = part["masks"][t]
-    return {"inputs": inputs, "labels": labels, "masks": masks}
+    batch = {"inputs": inputs, "labels": labels, "masks": masks}
+    if valid:
+      batch["valid"] = (comp >= 0).astype(np.float32)
+    return batch
 
 
 def _check_hosts(batch_size: int, num_host_shards: int, host_index: int):
@@ -694,7 +700,8 @@ class EvalStream:
   The rows of the components are concatenated (component order, then each
   component's `indices` order) and cut into global batches of `batch_size`;
   the last is padded with zero rows whose masks are 0, so masked sums count
-  every real example exactly once. Host h takes slots `[h B / H, (h+1) B / H)`
+  every real example exactly once; `batch["valid"]` is 1.0 on real rows and
+  0.0 on padding (pretext tasks, whose masks are made in the step, read it). Host h takes slots `[h B / H, (h+1) B / H)`
   of each global batch, and every host yields the same number of batches.
   Iterating again walks the data again.
 
@@ -733,4 +740,4 @@ class EvalStream:
       comp[:chunk.stop - start] = self._comp[chunk]
       rows[:chunk.stop - start] = self._rows[chunk]
       yield self._assembler.assemble(comp[self._host_slice],
-                                     rows[self._host_slice])
+                                     rows[self._host_slice], valid=True)

@@ -6,9 +6,12 @@ which keyword arguments the model takes, which collections are mutable) is
 decided here once.
 
 **Views.** A batch is seen through one or more views: named inputs the tasks
-read. Today every task reads the `"inputs"` view (the batch's inputs). The
-forward pass runs the model once per view and each task takes its
-prediction from the pass over its own view; the two-stage calls (`encode`,
+read (`Task.view`): the `"inputs"` view (the batch's inputs) or a view that
+a pretext task makes (`mtl_jax.pretext.add_views`, run by the step before the
+path, puts them under `batch["views"]`). The forward pass runs the model once
+per distinct view, never once per task, and each task takes its prediction
+from the pass over its own view (heads a view's tasks do not use are dead
+code that XLA removes); the two-stage calls (`encode`,
 `decode`) return and take features as a `{view: features}` dict. The paths
 treat features, and their per-task gradients, as pytrees, so a second view
 adds a trunk pass here and no branch to any path.
@@ -24,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.pretext import views as views_lib
 
 Batch = Mapping[str, Any]
 # Models report auxiliary losses (penalties, adversarial losses) by sowing
 # scalars into this collection; the step adds them to the objective.
 AUX_LOSSES = "aux_losses"
 # The view of the batch's own inputs.
-INPUTS_VIEW = "inputs"
+INPUTS_VIEW = tasks_lib.INPUTS_VIEW
 
 
 def flatten_aux(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -75,15 +79,15 @@ class Forward:
 
   def view_names(self) -> tuple[str, ...]:
     """The distinct views the tasks read, in a fixed order."""
-    return (INPUTS_VIEW,)
+    return self.tasks.view_names
 
   def task_views(self) -> dict[str, str]:
     """`{task: view}`."""
-    return {name: INPUTS_VIEW for name in self.tasks.names}
+    return {task.name: task.view for task in self.tasks}
 
   def views(self, batch: Batch) -> dict[str, Any]:
-    """`{view: inputs}` of a batch."""
-    return {INPUTS_VIEW: batch["inputs"]}
+    """`{view: inputs}` of a batch (its pretext views made by the step)."""
+    return views_lib.batch_views(self.tasks, batch)
 
   def _kwargs(self, batch: Batch) -> dict[str, Any]:
     if not self.pass_task_presence:
@@ -101,7 +105,8 @@ class Forward:
                 ) -> dict[str, Any]:
     """Each task's prediction from the pass over its view."""
     return {task: outputs[view][task]
-            for task, view in self.task_views().items()}
+            for task, view in self.task_views().items()
+            if task in outputs[view]}
 
   def predict(self, params, batch: Batch, key: jax.Array
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:

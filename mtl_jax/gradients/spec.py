@@ -31,13 +31,15 @@ Batch = Mapping[str, Any]
 
 
 class StepKeys(NamedTuple):
-  """The step's keys: `fold_in(state.rng, step)` then 1 (weighting) and 2
-  (aggregator), identical on every device; dropout draws per device under
+  """The step's keys: `fold_in(state.rng, step)` then 1 (weighting), 2
+  (aggregator) and 3 (pretext views), identical on every device (the views
+  fold in each row's global index instead); dropout draws per device under
   pmap (the device index folded in)."""
 
   weighting: jax.Array
   aggregator: jax.Array
   dropout: jax.Array
+  pretext: jax.Array | None = None
 
 
 class MethodStates(NamedTuple):

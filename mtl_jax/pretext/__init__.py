@@ -2,9 +2,14 @@
 
 `vision` holds the image pretexts, each a `Pretext` spec whose transform is a
 pure, jit-able `(rng, images) -> (view, target, mask)`; `get_pretext(name,
-**hyperparams)` builds one by name (`PRETEXTS`).
+**hyperparams)` builds one by name (`PRETEXTS`). `views` turns a pretext into
+a task (`pretext_task`) and makes its view, label and mask inside the step
+(`add_views`).
 """
 
+from mtl_jax.pretext.views import add_views
+from mtl_jax.pretext.views import batch_views
+from mtl_jax.pretext.views import pretext_task
 from mtl_jax.pretext.vision import BT601
 from mtl_jax.pretext.vision import PRETEXTS
 from mtl_jax.pretext.vision import Pretext

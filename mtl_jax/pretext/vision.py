@@ -29,7 +29,9 @@ Pretexts (`get_pretext(name, **hyperparams)`, the names in `PRETEXTS`):
                  pooled and repeated and the remaining rows/columns repeat the
                  last pooled row/column (edge padding).
   denoise        the view is the image plus Gaussian noise; target the image.
-  reconstruct    the view and the target are the image (an autoencoder).
+  reconstruct    the view and the target are the image (an autoencoder); its
+                 view is the inputs unchanged (`view_id == "identity"`), so
+                 it shares the supervised tasks' trunk pass.
   rotate         each example is rotated by k * 90 degrees (counter-clockwise,
                  as `np.rot90` on the H, W axes), k in {0, 1, 2, 3}; the target
                  is k (int32, a 4-way classification). Non-square images are
@@ -46,6 +48,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from mtl_jax.tasks import IDENTITY_VIEW
 
 Shape = tuple[int, ...]
 Transform = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array,
@@ -72,6 +76,10 @@ class Pretext:
     num_classes: the number of classes for a classification pretext, else None.
     target_dtype: the target's dtype.
     hyperparams: the hyperparameters it was built with (for logs/configs).
+    view_id: what identifies the view the transform makes: pretext tasks may
+      share a view (one trunk pass) only if their view ids are equal, i.e. the
+      same key gives the same view. Defaults to the name and hyperparameters;
+      `"identity"` for a pretext whose view is its inputs unchanged.
   """
   name: str
   transform: Transform
@@ -82,6 +90,12 @@ class Pretext:
   num_classes: int | None = None
   target_dtype: Any = jnp.float32
   hyperparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+  view_id: Any = None
+
+  def __post_init__(self):
+    if self.view_id is None:
+      object.__setattr__(self, "view_id", (self.name, tuple(
+          sorted((k, repr(v)) for k, v in self.hyperparams.items()))))
 
   def __call__(self, rng, images):
     return self.transform(rng, images)
@@ -286,7 +300,8 @@ def luminance(images):
 def _image_target_pretext(name: str, corrupt: Callable[[jax.Array, jax.Array],
                                                         jax.Array],
                           check_shape: Callable[[int, int, int], None] | None
-                          = None, **hyperparams: Any) -> Pretext:
+                          = None, view_id: Any = None,
+                          **hyperparams: Any) -> Pretext:
   """A pretext whose target is the whole image: the view is
   `corrupt(rng, images)`, `check_shape(h, w, c)` adds its own input checks
   to the common ones."""
@@ -305,7 +320,7 @@ def _image_target_pretext(name: str, corrupt: Callable[[jax.Array, jax.Array],
     return corrupt(rng, images), images, _ones_mask(images)
 
   return Pretext(name, transform, target_shape, check, loss="mse",
-                 metrics=("psnr",), hyperparams=hyperparams)
+                 metrics=("psnr",), hyperparams=hyperparams, view_id=view_id)
 
 
 def colourise() -> Pretext:
@@ -378,7 +393,8 @@ def denoise(noise_std: float = 0.1) -> Pretext:
 
 def reconstruct() -> Pretext:
   """An autoencoder: the view and the target are the image."""
-  return _image_target_pretext("reconstruct", lambda rng, x: x)
+  return _image_target_pretext("reconstruct", lambda rng, x: x,
+                               view_id=IDENTITY_VIEW)
 
 
 # ----------------------------------------------------------------------------

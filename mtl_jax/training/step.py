@@ -2,7 +2,9 @@
 
 `make_train_step` returns `step(state, batch) -> (state, metrics)`:
 
-1. the step's keys are drawn from `fold_in(state.rng, state.step)`;
+1. the step's keys are drawn from `fold_in(state.rng, state.step)`; the
+   pretext tasks' views, labels and masks are made from the inputs
+   (`mtl_jax.pretext.add_views`);
 2. a gradient path (`mtl_jax.gradients`, chosen once when the step is
    built) runs the forward pass, reduces each task's masked loss sum and
    label count over the GLOBAL batch (the task loss is `sum / max(count, 1)`,
@@ -32,6 +34,7 @@ from mtl_jax import metrics as metrics_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.aggregation.base import Aggregator
 from mtl_jax.gradients import forward as forward_lib
+from mtl_jax.pretext import views as views_lib
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
 
@@ -181,6 +184,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     check_state_matches(state, optimizer, weighting, aggregator, len(tasks))
     keys = step_keys(state, axis_name)
+    batch = views_lib.add_views(tasks, batch, keys.pretext,
+                                row_offset=row_offset(batch, axis_name))
     result = path(spec, state.params, batch,
                   gradients.MethodStates(state.weighting_state,
                                          state.aggregation_state), keys)
@@ -199,7 +204,16 @@ def step_keys(state: TrainState, axis_name: str | None) -> gradients.StepKeys:
     dropout_key = jax.random.fold_in(base_key, jax.lax.axis_index(axis_name))
   return gradients.StepKeys(weighting=jax.random.fold_in(base_key, 1),
                             aggregator=jax.random.fold_in(base_key, 2),
-                            dropout=dropout_key)
+                            dropout=dropout_key,
+                            pretext=jax.random.fold_in(base_key, 3))
+
+
+def row_offset(batch: Batch, axis_name: str | None) -> jax.Array | int:
+  """The global index of this device's first row: under pmap the device
+  index times its rows; under jit the batch is the global one."""
+  if not axis_name:
+    return 0
+  return jax.lax.axis_index(axis_name) * forward_lib.batch_size(batch)
 
 
 def apply_gradients(spec: gradients.GradientSpec,
@@ -249,11 +263,22 @@ def make_eval_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet, *,
 
   The stats are `{"loss_sum": [K], "count": [K], "metrics": {task: {metric:
   {stat: sum}}}}`; add them over batches (`accumulate`) and turn them into
-  values with `finalize`. Only labelled examples (mask > 0) count.
+  values with `finalize`. Only labelled examples (mask > 0) count. Pretext
+  tasks are scored on every real row (whichever rows they train on), on
+  views drawn from a fixed key
+  (`mtl_jax.pretext.views.EVAL_SEED`), the same at every evaluation; the
+  model runs once per view.
   """
+  eval_key = jax.random.PRNGKey(views_lib.EVAL_SEED)
 
   def eval_step(params, batch: Batch) -> dict:
-    preds = apply_fn({"params": params}, batch["inputs"], train=False)
+    batch = views_lib.add_views(tasks, batch, eval_key,
+                                row_offset=row_offset(batch, axis_name),
+                                every_row=True)
+    outputs = {view: apply_fn({"params": params}, inputs, train=False)
+               for view, inputs in views_lib.batch_views(tasks, batch).items()}
+    preds = {task.name: outputs[task.view][task.name] for task in tasks
+             if task.name in outputs[task.view]}
     tasks_lib.check_predictions(tasks, preds, forward_lib.batch_size(batch))
     sums, counts = tasks_lib.task_loss_sums(tasks, preds, batch)
     stats = {"loss_sum": sums, "count": counts,
