@@ -12,6 +12,29 @@ Train (any field can be overridden on the command line):
   python -m experiments.train --config=experiments/configs/celeb_a.py \
     --workdir=runs/celeb_a --config.tasks=Smiling,Male,landmarks \
     --config.data.options.eval_split=validation
+
+Self-supervised (pretext) tasks next to the supervised ones (options in
+`experiments/configs/pretexts.py`; `tests/pretext/catalog_pretext_test.py`
+builds this command line): every vision pretext runs on celeb_a's square
+RGB inputs.
+  python -m experiments.train --config=experiments/configs/celeb_a.py \
+    --workdir=runs/celeb_a_ssl --config.tasks=Smiling,Male,landmarks \
+    --config.pretext.names=grid_mask,colourise,rotate,blur_region,denoise \
+    '--config.pretext.grid_mask.grid=(4,4)'
+
+Their shapes at `image_size` s (64 by default, always square): grid_mask's
+grid (rows, cols) must divide s (the default (2, 2) predicts a 32x32x3 cell
+at 64, (4, 4) a 16x16x3 one; (3, 3) or (5, 5) fail at 64); blur_region's
+region (8x8 by default) and super_resolve's factor (2) must be at most s;
+colourise needs the 3 channels it has; rotate needs the square images it
+has. These are checked against the real inputs when the experiment is
+built, before any parameter is made, with an error naming the pretext.
+colourise, super_resolve, denoise and reconstruct predict the whole
+64x64x3 image, each with a linear head of 256 x 12288 (3.2M parameters,
+four times the 0.77M-parameter trunk). Pretexts train on every row
+(rows=all): celeb_a is fully labelled, so there is no unlabelled pool for
+rows=unlabelled unless data.label_fractions hides labels and
+data.drop_unlabelled=False mixes the rest in.
 """
 
 import ml_collections

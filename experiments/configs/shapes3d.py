@@ -10,6 +10,30 @@ Prepare the data once (array_record, for random access):
 Train:
   python -m experiments.train --config=experiments/configs/shapes3d.py \
     --workdir=runs/shapes3d --config.tasks=object_hue,shape,orientation
+
+Self-supervised (pretext) tasks next to the supervised ones (options in
+`experiments/configs/pretexts.py`; `tests/pretext/catalog_pretext_test.py`
+builds this command line): every vision pretext runs on the square RGB
+renders.
+  python -m experiments.train --config=experiments/configs/shapes3d.py \
+    --workdir=runs/shapes3d_ssl --config.tasks=object_hue,shape,orientation \
+    --config.pretext.names=grid_mask,colourise,rotate,super_resolve,denoise \
+    '--config.pretext.grid_mask.grid=(4,4)' \
+    --config.pretext.super_resolve.factor=4
+
+Their shapes at `image_size` s (64 by default, always square): grid_mask's
+grid (rows, cols) must divide s (the default (2, 2) predicts a 32x32x3 cell
+at 64, (4, 4) a 16x16x3 one; (3, 3) or (5, 5) fail at 64); blur_region's
+region (8x8 by default) and super_resolve's factor must be at most s;
+colourise needs the 3 channels it has; rotate needs the square images it
+has. These are checked against the real inputs when the experiment is
+built, before any parameter is made, with an error naming the pretext.
+colourise, super_resolve, denoise and reconstruct predict the whole
+64x64x3 image, each with a head of 256 -> 128 -> 12288 (1.6M parameters,
+twice the 0.77M-parameter trunk). Pretexts train on every row (rows=all):
+the renders are fully labelled, so there is no unlabelled pool for
+rows=unlabelled unless data.label_fractions hides labels and
+data.drop_unlabelled=False mixes the rest in.
 """
 
 import ml_collections
