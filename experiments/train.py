@@ -42,6 +42,7 @@ from mtl_jax.data import build as data_build
 from mtl_jax.data import mixture as mixture_lib
 from mtl_jax.data import pipeline
 from mtl_jax.models import build as models_build
+from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import checks
 from mtl_jax.training import distributed
@@ -154,8 +155,12 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   data_build.check_mixing_options(
       d.mixture.method, composition=d.mixture.composition,
       temperature=d.mixture.temperature, size_cap=d.mixture.size_cap)
-  for name, (_, options) in pretexts_config.make_pretexts(
+  for name, (spec, options) in pretexts_config.make_pretexts(
       config.pretext).items():
+    if name == pretexts_config.CLUSTER and spec.bank_size < config.batch_size:
+      raise ValueError(
+          f"config.pretext.cluster.bank_size={spec.bank_size} must hold at "
+          f"least one batch (config.batch_size={config.batch_size})")
     if options["rows"] == "unlabelled" and d.drop_unlabelled:
       raise ValueError(
           f"config.pretext.{name}.rows='unlabelled' trains on the unlabelled "
@@ -206,6 +211,12 @@ def check_config(config: ml_collections.ConfigDict) -> _Checked:
       aggregator=aggregator, aggregator_name=a.name, rep_grad=a.rep_grad,
       jacobian=a.get("jacobian", "auto"), chunk_size=a.chunk_size,
       prefix="config.aggregation.")
+  if (pretexts_config.CLUSTER in pretexts_config.pretext_names(config.pretext)
+      and not spec.step_kwargs(m.input_trunk)["encode_decode"]):
+    raise ValueError(
+        f"config.pretext.names: the cluster task reads the shared features, "
+        f"which architecture {m.architecture!r} does not expose (it needs "
+        "encode/decode, e.g. hard_sharing)")
   spec.check_step_options(
       input_trunk=m.input_trunk, rep_grad=a.rep_grad,
       grad_norms_for=(config.weighting.name
@@ -380,9 +391,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_state = exp.train_mixture.initial_state()
   sample, _ = exp.train_mixture.batch(data_state)
   params = state_lib.init_params(exp.model, sample["inputs"], rng)
+  task_state = cluster_lib.init_task_state(
+      exp.tasks, lambda x: exp.model.apply({"params": params}, x,
+                                           method="encode"),
+      sample["inputs"])
   state = par.put_state(state_lib.create_train_state(
       params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1), exp.aggregator))
+      jax.random.fold_in(rng, 1), exp.aggregator, task_state))
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)

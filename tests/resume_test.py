@@ -2,7 +2,9 @@
 
 Each test interrupts a small run once it has committed a checkpoint at step 20
 or later, runs the same command again, and compares the results and the final
-params with one uninterrupted run. That run also shows that the command
+params with one uninterrupted run. The runs train pretext tasks too (a
+masked-cell view and k-means clustering, refitted every 7 steps), so the
+views drawn from the step's key and the clustering state resume exactly. That run also shows that the command
 line's overrides become the run's config.
 """
 
@@ -51,7 +53,16 @@ def _command(workdir, data_dir):
           f"--config.num_steps={NUM_STEPS}", "--config.log_every=10",
           "--config.eval_every=0",
           f"--config.checkpoint_every={CHECKPOINT_EVERY}",
-          "--config.optimizer.schedule=constant"]
+          "--config.optimizer.schedule=constant",
+          # Self-supervised tasks whose labels and state are made in the
+          # step: a masked-cell view drawn from the step's key, and k-means
+          # pseudo-labels refitted every 7 steps from a feature bank (state
+          # in the checkpoint), on the labelled rows and the pool.
+          "--config.data.drop_unlabelled=False",
+          "--config.pretext.names=grid_mask,cluster",
+          "--config.pretext.cluster.num_clusters=4",
+          "--config.pretext.cluster.every=7",
+          "--config.pretext.cluster.bank_size=64"]
 
 
 def _run_to_end(command, env):
@@ -101,9 +112,12 @@ def _interrupt(command, env, workdir, sig):
 
 
 def _final_params(workdir):
+  """The final checkpoint's params and task state (the clustering's
+  centroids, feature bank and assignments)."""
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return ckpt.read()["params"]
+    state = ckpt.read()
+    return {"params": state["params"], "task_state": state["task_state"]}
   finally:
     ckpt.close()
 
@@ -162,6 +176,9 @@ def _assert_same_as(workdir, uninterrupted):
   assert jax.tree.structure(params) == jax.tree.structure(ref_params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # k-means ran at steps 7, 14, ..., 56 in both runs: 8 fits.
+  assert int(np.asarray(
+      params["task_state"]["cluster"]["kmeans"]["num_fits"])) == 8
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 `config.pretext.names` lists the pretexts to train next to the supervised
 tasks ("" = none), each a task named after its pretext; every pretext of
-`mtl_jax.pretext.PRETEXTS` has a sub-config with the hyperparameters of its
-factory (read from its signature) and:
+`mtl_jax.pretext.PRETEXTS`, and "cluster" (DeepCluster-style k-means
+pseudo-labels, `mtl_jax.pretext.cluster`: num_clusters, every, bank_size,
+num_iters; hard sharing only), has a sub-config with the hyperparameters of
+its factory (read from its signature) and:
 
   rows     all | labelled | unlabelled: the rows it trains on (the pool rows
            count as unlabelled; set config.data.drop_unlabelled=False to
@@ -14,7 +16,7 @@ factory (read from its signature) and:
            view of another pretext that makes it the same way.
 
   --config.pretext.names=grid_mask,rotate \
-  --config.pretext.grid_mask.grid=(3,4) --config.pretext.rotate.rows=unlabelled
+  '--config.pretext.grid_mask.grid=(3,4)' --config.pretext.rotate.rows=unlabelled
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from mtl_jax import pretext as pretext_lib
+from mtl_jax.pretext import cluster as cluster_lib
 
 # Fields of every pretext's sub-config that are not its factory's
 # hyperparameters.
 TASK_FIELDS = ("rows", "weight", "loss", "view")
+# The unsupervised task that is not a view of the inputs.
+CLUSTER = "cluster"
+FACTORIES = {**pretext_lib.PRETEXTS, CLUSTER: cluster_lib.Clustering}
 
 
 def _hyperparameters(factory) -> dict[str, Any]:
@@ -51,16 +57,19 @@ def pretext_block() -> ml_collections.ConfigDict:
     block[name] = ml_collections.ConfigDict({
         **_hyperparameters(factory), "rows": "all", "weight": 1.0,
         "loss": "", "view": ""})
+  block[CLUSTER] = ml_collections.ConfigDict({
+      **_hyperparameters(cluster_lib.Clustering), "rows": "all",
+      "weight": 1.0})
   return block
 
 
 def pretext_names(block: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The selected pretexts; unknown or repeated names are an error."""
   names = tuple(n.strip() for n in block.names.split(",") if n.strip())
-  unknown = sorted(set(names) - set(pretext_lib.PRETEXTS))
+  unknown = sorted(set(names) - set(FACTORIES))
   if unknown:
     raise ValueError(f"config.pretext.names: unknown pretext(s) {unknown}; "
-                     f"valid: {', '.join(sorted(pretext_lib.PRETEXTS))}")
+                     f"valid: {', '.join(sorted(FACTORIES))}")
   if len(set(names)) != len(names):
     raise ValueError(f"config.pretext.names repeats a pretext: {names}")
   return names
@@ -73,9 +82,10 @@ def make_pretexts(block: ml_collections.ConfigDict
   out = {}
   for name in pretext_names(block):
     fields = dict(block[name])
-    options = {k: fields.pop(k) for k in TASK_FIELDS}
+    options = {k: fields.pop(k, "") for k in TASK_FIELDS}
     try:
-      pretext = pretext_lib.get_pretext(name, **fields)
+      pretext = (cluster_lib.Clustering(**fields) if name == CLUSTER
+                 else pretext_lib.get_pretext(name, **fields))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config.pretext.{name}: {e}") from None
     if options["rows"] not in ("all", "labelled", "unlabelled"):
@@ -91,6 +101,11 @@ def pretext_tasks(block: ml_collections.ConfigDict, input_shape
   """The selected pretexts as tasks on inputs of one example's shape."""
   tasks = []
   for name, (pretext, o) in make_pretexts(block).items():
+    if name == CLUSTER:
+      tasks.append(cluster_lib.cluster_task(
+          name, rows=o["rows"], weight=float(o["weight"]),
+          **pretext.hyperparams))
+      continue
     try:
       tasks.append(pretext_lib.pretext_task(
           name, pretext, input_shape, rows=o["rows"], view=o["view"] or None,

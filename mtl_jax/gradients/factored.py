@@ -48,6 +48,7 @@ class Factors(NamedTuple):
     jac: the per-task gradients of the shared params.
     others_grads: `weights -> grads` of everything outside "shared" (global),
       plus under "shared" the auxiliary losses' gradient if there are any.
+    features: the kept features (`Forward.kept_features`).
   """
 
   sums: jax.Array
@@ -56,6 +57,7 @@ class Factors(NamedTuple):
   aux: dict[str, jax.Array]
   jac: gram_lib.FactoredJacobian
   others_grads: Callable[[jax.Array], dict[str, Any]]
+  features: Any = None
 
 
 def gradients(spec: GradientSpec, params: Any, batch: Batch,
@@ -95,7 +97,7 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   grads["shared"] = spec_lib.add_trees(shared, grads.get("shared"))
   return Gradients(grads, losses, counts, weights,
                    MethodStates(weighting_state, aggregation_state),
-                   spec.global_aux(factors.aux))
+                   spec.global_aux(factors.aux), factors.features)
 
 
 def _gram_direction(spec, jac, weights, present, state, losses, counts, key):
@@ -149,7 +151,7 @@ def two_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
   def heads(others, head_eps):
     predictions, aux = model.decode({**others, "shared": params["shared"]},
                                     features, batch, key, head_eps=head_eps)
-    sums, counts = model.task_sums(predictions, batch)
+    sums, counts = model.task_sums(predictions, batch, features)
     return sums, (counts, aux)
 
   head_eps = {name: jnp.zeros_like(features[views[name]])
@@ -175,7 +177,8 @@ def two_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
               for k, name in enumerate(model.tasks.names)}
     return spec.psum({**head_cts, "tasks": scaled})
 
-  return Factors(sums, counts, denom, {}, jac, others_grads)
+  return Factors(sums, counts, denom, {}, jac, others_grads,
+                 model.kept_features(features))
 
 
 def one_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
@@ -184,11 +187,11 @@ def one_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
   def sums_fn(p, eps):
     inputs: dict[str, list[jax.Array]] = {}
     with gram_lib.intercepting(sites, eps, inputs):
-      out, (counts, aux) = spec.model.loss_sums(p, batch, key)
-    return out, (counts, aux, inputs)
+      out, (counts, aux, features) = spec.model.loss_sums(p, batch, key)
+    return out, (counts, aux, features, inputs)
 
-  (sums, _), vjp_fn, (counts, aux, inputs) = jax.vjp(sums_fn, params, eps,
-                                                     has_aux=True)
+  (sums, _), vjp_fn, (counts, aux, features, inputs) = jax.vjp(
+      sums_fn, params, eps, has_aux=True)
   counts = spec.psum(counts)
   denom = jnp.maximum(counts, 1.0)
   # The per-task VJP of each task's global mean loss, from one forward pass.
@@ -200,4 +203,5 @@ def one_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
   return Factors(
       sums, counts, denom, aux, jac,
       lambda weights: jacobian_lib.others_and_aux(spec, params_vjp, weights,
-                                                  denom, bool(aux)))
+                                                  denom, bool(aux)),
+      features)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.pretext import views as views_lib
 
 Batch = Mapping[str, Any]
@@ -89,6 +90,20 @@ class Forward:
     """`{view: inputs}` of a batch (its pretext views made by the step)."""
     return views_lib.batch_views(self.tasks, batch)
 
+  @property
+  def feature_views(self) -> tuple[str, ...]:
+    """The views whose shared features label a task (clustering)."""
+    return tuple(dict.fromkeys(
+        t.view for t in cluster_lib.feature_tasks(self.tasks)))
+
+  def kept_features(self, features: Mapping[str, jax.Array] | None
+                    ) -> dict[str, jax.Array] | None:
+    """The stop-gradient features the step keeps (for the clustering
+    tasks' banks); None without such tasks."""
+    if not self.feature_views:
+      return None
+    return {v: jax.lax.stop_gradient(features[v]) for v in self.feature_views}
+
   def _kwargs(self, batch: Batch) -> dict[str, Any]:
     if not self.pass_task_presence:
       return {}
@@ -111,11 +126,27 @@ class Forward:
   def predict(self, params, batch: Batch, key: jax.Array
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """`({task: prediction}, {aux name: loss})`: one pass per view."""
-    outputs, aux = {}, {}
-    for view, inputs in self.views(batch).items():
-      outputs[view], view_aux = self._call(params, inputs, batch, key)
-      aux.update(_prefixed(view, view_aux))
-    return self._per_view(outputs), aux
+    predictions, _, aux = self._forward(params, batch, key)
+    return predictions, aux
+
+  def _forward(self, params, batch: Batch, key: jax.Array):
+    """`(predictions, {view: features} or None, aux)`. With clustering
+    tasks, each view is `decode(encode(x))` (the same pass as the model's
+    `__call__` for an encode/decode model) so its features are at hand."""
+    if not self.feature_views:
+      outputs, aux = {}, {}
+      for view, inputs in self.views(batch).items():
+        outputs[view], view_aux = self._call(params, inputs, batch, key)
+        aux.update(_prefixed(view, view_aux))
+      return self._per_view(outputs), None, aux
+    if not self.encode_decode:
+      raise ValueError(
+          f"clustering task(s) {[t.name for t in cluster_lib.feature_tasks(self.tasks)]} "
+          "read the shared features: they need an architecture with "
+          "encode/decode (encode_decode=True, e.g. hard sharing)")
+    features, aux = self.encode(params, batch, key)
+    predictions, head_aux = self.decode(params, features, batch, key)
+    return predictions, features, {**aux, **head_aux}
 
   def encode(self, params, batch: Batch, key: jax.Array
              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -146,17 +177,22 @@ class Forward:
       aux.update(_prefixed(view, view_aux))
     return self._per_view(outputs), aux
 
-  def task_sums(self, predictions: Mapping[str, jax.Array], batch: Batch
+  def task_sums(self, predictions: Mapping[str, jax.Array], batch: Batch,
+                features: Mapping[str, jax.Array] | None = None
                 ) -> tuple[jax.Array, jax.Array]:
-    """`(loss_sums [K], counts [K])` of this device's rows."""
+    """`(loss_sums [K], counts [K])` of this device's rows; clustering
+    tasks take their pseudo-labels from `features` (`{view: features}`)."""
     tasks_lib.check_predictions(self.tasks, predictions, batch_size(batch))
+    if self.feature_views:
+      batch = cluster_lib.pseudo_labels(self.tasks, batch, features)
     return tasks_lib.task_loss_sums(self.tasks, predictions, batch)
 
   def loss_sums(self, params, batch: Batch, key: jax.Array):
-    """`((loss_sums [K], aux total), (counts [K], aux))`, for `jax.vjp`."""
-    predictions, aux = self.predict(params, batch, key)
-    sums, counts = self.task_sums(predictions, batch)
-    return (sums, aux_total(aux)), (counts, aux)
+    """`((loss_sums [K], aux total), (counts [K], aux, kept features))`,
+    for `jax.vjp` (`kept_features`)."""
+    predictions, features, aux = self._forward(params, batch, key)
+    sums, counts = self.task_sums(predictions, batch, features)
+    return (sums, aux_total(aux)), (counts, aux, self.kept_features(features))
 
 
 def _adding_to_head_inputs(eps: Mapping[str, jax.Array]):

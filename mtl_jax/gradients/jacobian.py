@@ -25,7 +25,7 @@ from mtl_jax.gradients.spec import StepKeys
 def gradients(spec: GradientSpec, params: Any, batch: Batch,
              states: MethodStates, keys: StepKeys) -> Gradients:
   """The aggregated direction from the `[K, P]` rows `w_k grad L_k`."""
-  (sums, _), vjp_fn, (counts, aux) = jax.vjp(
+  (sums, _), vjp_fn, (counts, aux, features) = jax.vjp(
       lambda p: spec.model.loss_sums(p, batch, keys.dropout), params,
       has_aux=True)
   losses, counts, denom = spec.global_losses(sums, counts)
@@ -43,7 +43,7 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   grads["shared"] = spec_lib.add_trees(direction, grads.get("shared"))
   return Gradients(grads, losses, counts, weights,
                    MethodStates(weighting_state, aggregation_state),
-                   spec.global_aux(aux))
+                   spec.global_aux(aux), features)
 
 
 def aggregate_rows(spec: GradientSpec, rows: Any, state: Any,

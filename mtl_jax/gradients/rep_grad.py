@@ -39,7 +39,7 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   def heads(features, others):
     predictions, aux = model.decode({**others, "shared": params["shared"]},
                                     features, batch, keys.dropout)
-    sums, counts = model.task_sums(predictions, batch)
+    sums, counts = model.task_sums(predictions, batch, features)
     return (sums, forward_lib.aux_total(aux)), (counts, aux)
 
   (features, _), encode_vjp, encode_aux = jax.vjp(
@@ -71,7 +71,8 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   grads = {"shared": spec.psum(shared_grads), **spec.psum(others_grads)}
   return Gradients(grads, losses, counts, weights,
                    MethodStates(weighting_state, aggregation_state),
-                   spec.global_aux({**encode_aux, **heads_aux}))
+                   spec.global_aux({**encode_aux, **heads_aux}),
+                   model.kept_features(features))
 
 
 def _aggregate_features(spec: GradientSpec, z_grads: Any, state: Any,

@@ -58,6 +58,8 @@ class Gradients(NamedTuple):
       weighting's weights.
     states: the new weighting and aggregation states.
     aux: `{name: global auxiliary loss}` (the mean over devices under pmap).
+    features: this device's stop-gradient `{view: features}` that the
+      clustering tasks keep (`Forward.kept_features`), else None.
   """
 
   grads: Any
@@ -66,6 +68,7 @@ class Gradients(NamedTuple):
   weights: jax.Array
   states: MethodStates
   aux: dict[str, jax.Array]
+  features: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

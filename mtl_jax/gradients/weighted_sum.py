@@ -20,7 +20,7 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   gradients of the last shared layer, from a batched VJP of the same forward
   pass (XLA prunes the other layers' per-task gradients).
   """
-  (sums, _), vjp_fn, (counts, aux) = jax.vjp(
+  (sums, _), vjp_fn, (counts, aux, features) = jax.vjp(
       lambda p: spec.model.loss_sums(p, batch, keys.dropout), params,
       has_aux=True)
   losses, counts, denom = spec.global_losses(sums, counts)
@@ -35,4 +35,4 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   (grads,) = vjp_fn((weights / denom, spec.aux_scale()))
   return Gradients(spec.psum(grads), losses, counts, weights,
                    MethodStates(weighting_state, states.aggregation),
-                   spec.global_aux(aux))
+                   spec.global_aux(aux), features)

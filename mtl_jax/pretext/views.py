@@ -176,12 +176,18 @@ def add_views(tasks: tasks_lib.TaskSet, batch: Batch, key: jax.Array, *,
   views = dict(batch.get("views", {}))
   labels, masks = dict(batch["labels"]), dict(batch["masks"])
   for task in tasks.pretexts:
+    rows = "all" if every_row else task.rows
+    if getattr(task.pretext, "from_features", False):
+      # Labelled from the shared features in the forward pass
+      # (`mtl_jax.pretext.cluster`); here only its rows.
+      labels[task.name] = jnp.zeros(images.shape[:1], jnp.int32)
+      masks[task.name] = row_selection(tasks, batch, rows)
+      continue
     view, target, mask = per_row(task.pretext, view_key(key, task.view),
                                  row_ids, images)
     if task.view != tasks_lib.INPUTS_VIEW:
       views.setdefault(task.view, view)
     labels[task.name] = target
-    rows = "all" if every_row else task.rows
     masks[task.name] = mask * row_selection(tasks, batch, rows)
   return {**batch, "views": views, "labels": labels, "masks": masks}
 

@@ -26,6 +26,9 @@ class TrainState(flax.struct.PyTreeNode):
       used at step s is the same whether or not the run was resumed.
     nonfinite_streak: how many consecutive steps up to now had a NaN/Inf loss
       or update and were skipped (int32 scalar; see `guard.skip_nonfinite`).
+    task_state: `{task: state}` of the tasks that carry state across steps
+      (the clustering tasks' k-means centroids and feature banks,
+      `mtl_jax.pretext.cluster`); `{}` without such tasks.
   """
 
   step: jax.Array
@@ -35,19 +38,21 @@ class TrainState(flax.struct.PyTreeNode):
   aggregation_state: Any
   rng: jax.Array
   nonfinite_streak: jax.Array
+  task_state: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                        weighting: Weighting, num_tasks: int,
-                       rng: jax.Array, aggregator: Aggregator | None = None
-                       ) -> TrainState:
-  """The state at step 0."""
+                       rng: jax.Array, aggregator: Aggregator | None = None,
+                       task_state: Any = None) -> TrainState:
+  """The state at step 0 (`task_state`: `cluster.init_task_state`)."""
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state=optimizer.init(params),
       weighting_state=weighting.init(num_tasks),
       aggregation_state=aggregator.init(num_tasks) if aggregator else (),
-      rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32))
+      rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32),
+      task_state=task_state or {})
 
 
 def init_params(model: Any, sample_inputs: Any, rng: jax.Array) -> Any:

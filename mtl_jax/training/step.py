@@ -34,6 +34,7 @@ from mtl_jax import metrics as metrics_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.aggregation.base import Aggregator
 from mtl_jax.gradients import forward as forward_lib
+from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.pretext import views as views_lib
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
@@ -186,11 +187,20 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     keys = step_keys(state, axis_name)
     batch = views_lib.add_views(tasks, batch, keys.pretext,
                                 row_offset=row_offset(batch, axis_name))
+    if state.task_state:
+      batch = {**batch, "task_state": state.task_state}
     result = path(spec, state.params, batch,
                   gradients.MethodStates(state.weighting_state,
                                          state.aggregation_state), keys)
-    return apply_gradients(spec, optimizer, state, batch, result, keys,
-                           schedule)
+    new_state, metrics = apply_gradients(spec, optimizer, state, batch,
+                                         result, keys, schedule)
+    if not state.task_state:
+      return new_state, metrics
+    task_state = cluster_lib.update_states(
+        tasks, state.task_state, result.features, batch, state.step,
+        keys.pretext, axis_name)
+    metrics.update(cluster_lib.metrics(tasks, task_state))
+    return new_state.replace(task_state=task_state), metrics
 
   return step
 
@@ -275,6 +285,9 @@ def make_eval_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet, *,
     batch = views_lib.add_views(tasks, batch, eval_key,
                                 row_offset=row_offset(batch, axis_name),
                                 every_row=True)
+    # Clustering tasks' labels come from the training state: not scored.
+    batch["masks"].update({t.name: jnp.zeros_like(batch["masks"][t.name])
+                           for t in cluster_lib.feature_tasks(tasks)})
     outputs = {view: apply_fn({"params": params}, inputs, train=False)
                for view, inputs in views_lib.batch_views(tasks, batch).items()}
     preds = {task.name: outputs[task.view][task.name] for task in tasks
@@ -298,10 +311,15 @@ def finalize(tasks: tasks_lib.TaskSet, total: dict) -> dict[str, float]:
 
   Every task also reports `<task>/loss` and `<task>/count` (labelled examples
   seen). A metric of a task with no labelled example is NaN (undefined).
+  Clustering tasks, whose labels come from the training state, are left
+  out.
   """
   total = jax.device_get(total)
   out: dict[str, float] = {}
+  unscored = {t.name for t in cluster_lib.feature_tasks(tasks)}
   for k, task in enumerate(tasks):
+    if task.name in unscored:
+      continue
     count = float(total["count"][k])
     out[f"{task.name}/count"] = count
     out[f"{task.name}/loss"] = (float(total["loss_sum"][k]) / count
