@@ -90,6 +90,28 @@ BAD = [
     ({"batch_size": 36},
      r"config.batch_size=36 is not divisible by the number of devices \(8\)"),
     ({"parallelism": "dp"}, r"unknown parallelism 'dp'; valid: jit, pmap"),
+    ({"pretext.names": "grid_mask,jigsaw"},
+     r"config.pretext.names: unknown pretext\(s\) \['jigsaw'\]; valid: "
+     r"blur_region, cluster, colourise"),
+    ({"pretext.names": "rotate,rotate"},
+     r"config.pretext.names repeats a pretext"),
+    ({"pretext.names": "grid_mask", "pretext.grid_mask.grid": (0, 2)},
+     r"config.pretext.grid_mask: grid_mask: grid \(0, 2\) must be at least "
+     r"1 x 1"),
+    ({"pretext.names": "super_resolve", "pretext.super_resolve.factor": 0},
+     r"config.pretext.super_resolve: super_resolve: factor must be an "
+     r"integer >= 1"),
+    ({"pretext.names": "denoise", "pretext.denoise.rows": "pool"},
+     r"config.pretext.denoise.rows: unknown rows 'pool'; valid: all, "
+     r"labelled, unlabelled"),
+    ({"pretext.names": "rotate", "pretext.rotate.rows": "unlabelled"},
+     r"config.pretext.rotate.rows='unlabelled' trains on the unlabelled "
+     r"pool, which config.data.drop_unlabelled=True leaves out"),
+    ({"pretext.names": "cluster", "model.architecture": "mmoe"},
+     r"the cluster task reads the shared features, which architecture "
+     r"'mmoe' does not expose"),
+    ({"pretext.names": "cluster", "pretext.cluster.bank_size": 16},
+     r"config.pretext.cluster.bank_size=16 must hold at least one batch"),
 ]
 
 
@@ -129,6 +151,33 @@ def test_task_names_are_checked_before_any_mixture_is_built(
   config = _config(**overrides)
   config.data.data_dir = small_data_dir
   with pytest.raises((ValueError, KeyError), match=message):
+    train.build_experiment(config)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pretext.names": "colourise"},
+     r"config.pretext.colourise: .*colourisation needs RGB images \(C = 3\); "
+     r"got C = 1 in \(H, W, C\) = \(12, 16, 1\)"),
+    ({"pretext.names": "grid_mask", "pretext.grid_mask.grid": (5, 4)},
+     r"config.pretext.grid_mask: .*grid 5 x 4 does not divide the image"),
+    ({"pretext.names": "super_resolve", "pretext.super_resolve.factor": 13},
+     r"config.pretext.super_resolve: .*factor 13 is larger than the image"),
+    ({"pretext.names": "rotate"},
+     r"config.pretext.rotate: .*90-degree rotation of a non-square image"),
+    ({"pretext.names": "blur_region", "pretext.blur_region.size": (16, 4)},
+     r"config.pretext.blur_region: .*region 16 x 4 is larger than the image"),
+    ({"pretext.names": "left"},
+     r"unknown pretext\(s\) \['left'\]"),
+])
+def test_pretexts_that_do_not_fit_the_inputs_fail_before_training(
+    small_data_dir, monkeypatch, overrides, message):
+  """Checked on the first batch's shape, before any parameter exists."""
+  def fail(*args, **kwargs):
+    raise AssertionError("params were created before the pretext error")
+  monkeypatch.setattr(train.models_build, "make_model", fail)
+  config = _config(**overrides)
+  config.data.data_dir = small_data_dir
+  with pytest.raises(ValueError, match=message):
     train.build_experiment(config)
 
 
