@@ -17,6 +17,11 @@
                mtl.get_weighting, mtl.WEIGHTINGS, mtl.Weighting
   aggregation  gradient-level aggregation of per-task gradients
                mtl.get_aggregator, mtl.AGGREGATORS, mtl.Aggregator
+  pretext      self-supervised and unsupervised tasks: vision pretexts
+               (labels made from the inputs inside the step) and
+               DeepCluster-style clustering
+               mtl.pretext_task, mtl.get_pretext, mtl.PRETEXTS,
+               mtl.cluster_task, mtl.init_task_state
   gradients    the train step's gradient paths (weighted sum, per-task
                Jacobian, rep_grad, factored Gram engine) behind one spec
   training     TrainState, the pure train/eval steps (`training.step`,
@@ -53,6 +58,7 @@ from mtl_jax import gradients
 from mtl_jax import losses
 from mtl_jax import metrics
 from mtl_jax import models
+from mtl_jax import pretext
 from mtl_jax import tasks
 from mtl_jax import training
 from mtl_jax import weighting
@@ -67,6 +73,11 @@ from mtl_jax.models.build import get_architecture
 from mtl_jax.models.build import make_hard_sharing_model
 from mtl_jax.models.build import make_model
 from mtl_jax.models.build import make_trunk
+from mtl_jax.pretext import PRETEXTS
+from mtl_jax.pretext import get_pretext
+from mtl_jax.pretext import pretext_task
+from mtl_jax.pretext.cluster import cluster_task
+from mtl_jax.pretext.cluster import init_task_state
 from mtl_jax.tasks import Task
 from mtl_jax.tasks import TaskSet
 from mtl_jax.tasks import classification_task
@@ -118,11 +129,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     # Subpackages and modules.
-    "aggregation", "data", "gradients", "losses", "metrics", "models", "tasks", "training",
-    "weighting",
+    "aggregation", "data", "gradients", "losses", "metrics", "models", "pretext",
+    "tasks", "training", "weighting",
     # Tasks.
     "Task", "TaskSet", "classification_task", "multilabel_task",
     "regression_task",
+    # Self-supervised and unsupervised tasks.
+    "PRETEXTS", "cluster_task", "get_pretext", "init_task_state",
+    "pretext_task",
     # Models.
     "ARCHITECTURES", "ArchitectureSpec", "TRUNKS", "TrunkSpec",
     "get_architecture", "make_hard_sharing_model", "make_model", "make_trunk",

@@ -108,6 +108,9 @@ def test_public_api_names():
   assert callable(mtl.losses.get_loss) and callable(mtl.metrics.get_metric)
   assert "upgrad" in mtl.AGGREGATORS and "equal" in mtl.WEIGHTINGS
   assert "hard_sharing" in mtl.ARCHITECTURES and "mlp" in mtl.TRUNKS
+  assert mtl.pretext.pretext_task is mtl.pretext_task
+  assert mtl.pretext.cluster.cluster_task is mtl.cluster_task
+  assert "grid_mask" in mtl.PRETEXTS
   for name in mtl.__all__:
     assert getattr(mtl, name) is not None, name
   assert set(mtl.__all__) <= set(dir(mtl))

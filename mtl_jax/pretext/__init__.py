@@ -4,9 +4,12 @@
 pure, jit-able `(rng, images) -> (view, target, mask)`; `get_pretext(name,
 **hyperparams)` builds one by name (`PRETEXTS`). `views` turns a pretext into
 a task (`pretext_task`) and makes its view, label and mask inside the step
-(`add_views`).
+(`add_views`). `cluster` is the unsupervised DeepCluster-style task
+(`cluster_task`, k-means in `kmeans`); `learnability` scores trained pretext
+heads against trivial baselines.
 """
 
+from mtl_jax.pretext.cluster import cluster_task
 from mtl_jax.pretext.views import add_views
 from mtl_jax.pretext.views import batch_views
 from mtl_jax.pretext.views import pretext_task
