@@ -12,6 +12,8 @@ synthetic batch, compiles the train step of every method, and times it:
   python -m experiments.benchmark --model=cnn --batch_size=128
   python -m experiments.benchmark --pipeline --methods= --data_dir=data/tfds
   python -m experiments.benchmark --solvers --num_tasks=4,16 --solver_spread=1e8
+  python -m experiments.benchmark --pretext --model=cnn --batch_size=128 \
+      --head_hidden=128 --methods=ew,upgrad --out=runs/bench_pretext
 
 Methods: `baseline` (a hand-written JAX/optax step of the same MLP, no
 framework: the floor for equal weighting), `ew` (equal weighting, one backward
@@ -48,6 +50,18 @@ batch 128). `--out=DIR` writes `DIR/benchmark.jsonl`, `DIR/scaling.json` (for
 a sweep) and `DIR/step_time_vs_tasks.png`. `--solvers` times the K x K
 part of each Gram-based method alone (`benchmark_solvers`: `us_per_call` of
 its jitted `from_gram`, rows named `solver/<method>`).
+
+`--pretext` times the train step of `--num_tasks` supervised tasks (the first
+K of the list) plus each set of `--pretext_sets` (P self-supervised tasks on
+V views of `--image_shape` inputs, the inputs view included; default
+`DEFAULT_PRETEXT_SETS`), for each of `--methods` (default `ew,upgrad`), all
+in one interleaved pool. Each row has `pretexts` (the set), `num_pretext`,
+`num_views`, `views`, `num_tasks` (K + P) and `ratio_to_supervised`: its
+step time over the same method's step without pretext tasks (exactly 1.0 for
+that one). One `{"pretext_fit": ...}` line per method gives the
+least-squares `ratio ~ intercept + per_view (V - 1) + per_task P`. `--out`
+writes `benchmark.jsonl`, `pretext.json` (rows and fits) and
+`pretext_step_time.png`.
 """
 
 from __future__ import annotations
@@ -66,6 +80,7 @@ import numpy as np
 import optax
 
 from mtl_jax import aggregation
+from mtl_jax import pretext as pretext_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.models import build
@@ -142,6 +157,16 @@ _SOLVERS = flags.DEFINE_bool(
 _SOLVER_SPREAD = flags.DEFINE_float(
     "solver_spread", 1.0, "With --solvers: ratio of the largest to the "
     "smallest gradient norm in the random Gram matrices.", **_F)
+_PRETEXT = flags.DEFINE_bool(
+    "pretext", False, "Instead of the method sweep, time the train step of "
+    "--num_tasks supervised tasks plus each set of --pretext_sets (pretext "
+    "tasks on views of the --image_shape inputs), as a ratio to the "
+    "supervised-only step of the same method.", **_F)
+_PRETEXT_SETS = flags.DEFINE_list(
+    "pretext_sets", None, "With --pretext: the sets of pretext tasks to time, "
+    "each '+'-joined pretext names (mtl_jax.pretext.PRETEXTS), 'name*n' for "
+    "n tasks on that pretext's one view, 'none' for none (always timed, the "
+    "reference). Default: the grid of DEFAULT_PRETEXT_SETS.", **_F)
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.jsonl and "
                            "step_time_vs_tasks.png.", **_F)
 
@@ -595,6 +620,215 @@ def benchmark_pipeline(*, data_dir: str, builder_config: str,
   return rows
 
 
+# --------------------------------------------------------------------------
+# Pretext tasks: step time against the number of views.
+
+SUPERVISED_ONLY = "none"
+# Hyperparameters of the pretexts that --pretext_sets names, where the
+# defaults would not run on multi_digits' 12 x 16 x 1 images (a quarter turn
+# of a non-square image changes its shape).
+PRETEXT_OPTIONS: dict[str, dict[str, Any]] = {
+    "grid_mask": {"grid": (2, 2)},
+    "rotate": {"half_turns_only": True},
+}
+# P pretext tasks on V views (the supervised tasks' inputs view included):
+# P grows at fixed V (V=1: P=0..3 identity tasks on the inputs; V=2: P=1..3
+# tasks on one grid_mask view; V=3: P=2, 3, 4, 6), and V grows at fixed P=3
+# (V=1, 2, 3, 4).
+DEFAULT_PRETEXT_SETS = (
+    SUPERVISED_ONLY, "reconstruct", "reconstruct*2", "reconstruct*3",
+    "grid_mask", "grid_mask*2", "grid_mask*3", "grid_mask+denoise",
+    "grid_mask*2+denoise", "grid_mask*2+denoise*2", "grid_mask*3+denoise*3",
+    "grid_mask+denoise+super_resolve")
+
+
+def parse_pretext_set(spec: str) -> list[tuple[str, int]]:
+  """`"grid_mask*2+denoise"` -> `[("grid_mask", 2), ("denoise", 1)]`.
+
+  Raises:
+    ValueError: an unknown pretext, a count below 1, or a pretext named
+      twice (write `name*n`: its tasks share one view).
+  """
+  spec = spec.strip()
+  if spec == SUPERVISED_ONLY:
+    return []
+  out: list[tuple[str, int]] = []
+  for token in spec.split("+"):
+    name, _, count = token.strip().partition("*")
+    if name not in pretext_lib.PRETEXTS:
+      raise ValueError(f"--pretext_sets {spec!r}: unknown pretext {name!r}; "
+                       f"valid: {', '.join(pretext_lib.pretext_names())}")
+    try:
+      n = int(count) if count else 1
+    except ValueError:
+      n = 0
+    if n < 1:
+      raise ValueError(f"--pretext_sets {spec!r}: {token!r} needs a count "
+                       ">= 1 ('name*n')")
+    if name in dict(out):
+      raise ValueError(f"--pretext_sets {spec!r}: {name!r} is named twice; "
+                       f"write '{name}*n' for n tasks on its view")
+    out.append((name, n))
+  return out
+
+
+def pretext_tasks(spec: str, input_shape: Sequence[int]
+                  ) -> list[tasks_lib.Task]:
+  """The pretext tasks of one `--pretext_sets` entry.
+
+  The n tasks of `name*n` read one view, named after the pretext (an
+  identity pretext, `reconstruct`, reads the supervised tasks' "inputs"
+  view), so a set has one view per corrupting pretext plus the inputs.
+  Every second image-target task of a view takes the L1 loss, as a second
+  objective on the same view would in use (each task has its own head
+  either way, so XLA cannot merge them).
+  """
+  tasks = []
+  for name, n in parse_pretext_set(spec):
+    pretext = pretext_lib.get_pretext(name, **PRETEXT_OPTIONS.get(name, {}))
+    image_target = pretext.loss != "softmax_ce"
+    for i in range(n):
+      tasks.append(pretext_lib.pretext_task(
+          name if i == 0 else f"{name}_{i + 1}", pretext, input_shape,
+          view=None if pretext.view_id == tasks_lib.IDENTITY_VIEW else name,
+          loss=("l1" if i % 2 else "mse") if image_target else None))
+  return tasks
+
+
+def compile_pretext_sets(methods: Sequence[str], sets: Sequence[str], *,
+                         model_name: str, num_tasks: int, num_classes: int,
+                         batch_size: int, input_shape: Sequence[int],
+                         hidden: Sequence[int], channels: Sequence[int],
+                         strides: Sequence[int], feature_size: int,
+                         head_hidden: Sequence[int], jacobian: str,
+                         chunk_size: int | None, learning_rate: float,
+                         seed: int
+                         ) -> tuple[dict[tuple[str, str], Compiled],
+                                    dict[str, dict[str, Any]]]:
+  """Compiles every method's step for every pretext set (nothing is timed).
+
+  Returns:
+    `{(set, method): Compiled}` and `{set: what its rows report}`. Every
+    set shares the supervised tasks, the trunk and one synthetic batch (the
+    pretext tasks' labels are made in the step).
+  """
+  supervised = list(make_tasks(num_tasks, num_classes))
+  batch = synthetic_batch(tasks_lib.TaskSet(supervised), input_shape,
+                          batch_size, seed)
+  compiled, info = {}, {}
+  for spec in sets:
+    pretexts = pretext_tasks(spec, input_shape)
+    tasks = tasks_lib.TaskSet(supervised + pretexts)
+    model = build.make_hard_sharing_model(
+        tasks, make_trunk(model_name, hidden=hidden, channels=channels,
+                          strides=strides, feature_size=feature_size),
+        head_hidden_sizes=tuple(head_hidden))
+    info[spec] = {"pretexts": spec, "num_pretext": len(pretexts),
+                  "num_views": len(tasks.view_names),
+                  "views": list(tasks.view_names),
+                  "num_supervised": num_tasks, "num_tasks": len(tasks)}
+    for method in methods:
+      compiled[spec, method], _ = compile_framework_step(
+          model, tasks, method, batch, rep_grad=False, chunk_size=chunk_size,
+          learning_rate=learning_rate, seed=seed, jacobian=jacobian)
+  return compiled, info
+
+
+def pretext_fit(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per method, the least-squares fit `ratio ~ c + a (V - 1) + b P` of the
+  ratios to the supervised-only step: `per_view` (a) is the cost of one more
+  view, `per_task` (b) that of one more task on an existing view, both as
+  fractions of the supervised-only step."""
+  out = []
+  for method in dict.fromkeys(r["method"] for r in rows):
+    rs = [r for r in rows if r["method"] == method]
+    x = np.asarray([[1.0, r["num_views"] - 1, r["num_pretext"]] for r in rs])
+    y = np.asarray([r["ratio_to_supervised"] for r in rs])
+    if len(rs) < 3 or np.linalg.matrix_rank(x) < 3:
+      continue  # a grid without both V and P varying fits no slopes
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    residual = y - x @ coef
+    out.append({"method": method, "intercept": round(float(coef[0]), 3),
+                "per_view": round(float(coef[1]), 3),
+                "per_task": round(float(coef[2]), 3),
+                "max_abs_residual": round(float(np.abs(residual).max()), 3),
+                "points": len(rs)})
+  return out
+
+
+def benchmark_pretext(methods: Sequence[str], sets: Sequence[str], *,
+                      steps: int, rounds: int, warmup: int, **kwargs: Any
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Times the train step of each method with each set of pretext tasks.
+
+  All (set, method) steps are compiled first and timed in one interleaved
+  pool, so that each row's `ratio_to_supervised` (its step time over the
+  same method's step without pretext tasks) compares steps timed under the
+  same load. `compile_pretext_sets`'s arguments.
+
+  Returns:
+    The rows (sets in order, methods within a set) and `pretext_fit`.
+  """
+  sets = list(dict.fromkeys([SUPERVISED_ONLY, *sets]))  # the reference first
+  compiled, info = compile_pretext_sets(methods, sets, **kwargs)
+  time_interleaved(compiled, steps=steps, rounds=rounds, warmup=warmup)
+  rows = []
+  for (spec, method), c in compiled.items():
+    rows.append({"method": method, "model": kwargs["model_name"],
+                 **info[spec], "batch_size": kwargs["batch_size"],
+                 "jacobian": (jacobian_used(aggregation.get_aggregator(
+                     method), kwargs["jacobian"], False)
+                              if method in aggregation.AGGREGATORS else None),
+                 **summarize(c.times), "timed_steps": len(c.times),
+                 "compile_s": round(c.compile_s, 3), **c.memory,
+                 "backend": jax.default_backend()})
+  ref = {r["method"]: r["ms_per_step"] for r in rows
+         if r["pretexts"] == SUPERVISED_ONLY}
+  for r in rows:
+    r["ratio_to_supervised"] = round(r["ms_per_step"] / ref[r["method"]], 3)
+    if EW in ref:
+      r["ratio_to_ew"] = round(r["ms_per_step"] / ref[EW], 3)
+  return rows, pretext_fit(rows)
+
+
+def plot_pretext(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Per method: the ratio to the supervised-only step against the number of
+  views V (one line per number of pretext tasks P) and against P (one line
+  per V)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  fig, axes = plt.subplots(len(methods), 2, squeeze=False,
+                           figsize=(10, 3.6 * len(methods)))
+  top = max((r["ratio_to_supervised"] for r in rows), default=1.0)
+  for (ax_v, ax_p), method in zip(axes, methods):
+    rs = [r for r in rows if r["method"] == method]
+    for ax, x_key, line_key, x_label, letter in (
+        (ax_v, "num_views", "num_pretext", "views V (inputs included)", "P"),
+        (ax_p, "num_pretext", "num_views", "pretext tasks P", "V")):
+      lines: dict[int, list[tuple[int, float]]] = {}
+      for r in rs:
+        lines.setdefault(r[line_key], []).append(
+            (r[x_key], r["ratio_to_supervised"]))
+      for value, points in sorted(lines.items()):
+        x, y = zip(*sorted(points))
+        ax.plot(x, y, marker="o", label=f"{letter}={value}")
+      ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+      ax.set_xlabel(x_label)
+      ax.set_ylabel("step time / supervised-only")
+      ax.set_ylim(0, top * 1.1)
+      ax.xaxis.get_major_locator().set_params(integer=True)
+      ax.set_title(f"{method}, K={rs[0]['num_supervised']} supervised, "
+                   f"batch {rs[0]['batch_size']}, {jax.default_backend()}",
+                   fontsize=9)
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def random_grams(num_tasks: int, spread: float, count: int, seed: int
                  ) -> list[jax.Array]:
   """`count` float32 Gram matrices of `[K, 64]` gradients with a shared
@@ -730,6 +964,9 @@ def run() -> list[dict[str, Any]]:
         chunk_size=_CHUNK_SIZE.value or None,
         learning_rate=_LEARNING_RATE.value, seed=_SEED.value, jacobian=modes)
 
+  if _PRETEXT.value:
+    return run_pretext(methods if _METHODS.value is not None
+                       else [EW, "upgrad"], modes[0])
   if _SOLVERS.value:
     rows = benchmark_solvers(methods, _ints(_NUM_TASKS.value),
                              spread=_SOLVER_SPREAD.value,
@@ -764,6 +1001,46 @@ def run() -> list[dict[str, Any]]:
   _write_rows(rows, summary)
   if _OUT.value:
     plot_scaling(rows, os.path.join(_OUT.value, "step_time_vs_tasks.png"))
+  return rows
+
+
+def run_pretext(methods: Sequence[str], jacobian: str
+                ) -> list[dict[str, Any]]:
+  """The --pretext mode: prints the rows and the fit lines, writes
+  `--out`'s benchmark.jsonl, pretext.json and pretext_step_time.png."""
+  if BASELINE in methods:
+    raise ValueError("method 'baseline' (the hand-written step) has no "
+                     "pretext tasks; drop it with --pretext")
+  if not methods:
+    raise ValueError("--pretext needs at least one method")
+  if _REP_GRAD.value:
+    raise ValueError("--pretext times the default (parameter-gradient) "
+                     "paths; drop --rep_grad")
+  sets = ([s.strip() for s in _PRETEXT_SETS.value if s.strip()]
+          if _PRETEXT_SETS.value is not None else DEFAULT_PRETEXT_SETS)
+  image_shape = _ints(_IMAGE_SHAPE.value)
+  for spec in sets:  # a bad set fails before anything compiles
+    pretext_tasks(spec, image_shape)
+  k = (_ints(_NUM_TASKS.value) or (4,))[0]  # the first K of a list
+  rows, fit = benchmark_pretext(
+      methods, sets, steps=_STEPS.value, rounds=_ROUNDS.value,
+      warmup=_WARMUP.value, model_name=_MODEL.value, num_tasks=k,
+      num_classes=_NUM_CLASSES.value, batch_size=_BATCH_SIZE.value,
+      input_shape=image_shape, hidden=_ints(_HIDDEN.value),
+      channels=_ints(_CHANNELS.value), strides=_ints(_STRIDES.value),
+      feature_size=_FEATURE_SIZE.value,
+      head_hidden=_ints(_HEAD_HIDDEN.value), jacobian=jacobian,
+      chunk_size=_CHUNK_SIZE.value or None,
+      learning_rate=_LEARNING_RATE.value, seed=_SEED.value)
+  for r in rows:
+    print(json.dumps(r), flush=True)
+  for r in fit:
+    print(json.dumps({"pretext_fit": r}), flush=True)
+  _write_rows(rows, [])
+  if _OUT.value:
+    with open(os.path.join(_OUT.value, "pretext.json"), "w") as f:
+      json.dump({"rows": rows, "fit": fit}, f, indent=1)
+    plot_pretext(rows, os.path.join(_OUT.value, "pretext_step_time.png"))
   return rows
 
 

@@ -178,3 +178,68 @@ def test_random_grams_have_the_requested_spread():
     assert diag.max() == 1.0
     # Norms log-uniform in [1, 1e6]: squared ratio at most 1e12.
     assert 1.0 <= diag.max() / diag.min() <= 1e12 * (1 + 1e-5)
+
+
+def test_pretext_mode_rows_ratios_and_outputs(tmp_path):
+  out = tmp_path / "pretext"
+  rows = _main("--pretext", "--hidden=8", "--image_shape=4,4,1",
+               "--batch_size=4", "--num_tasks=2", "--steps=2", "--rounds=2",
+               "--warmup=0", "--methods=ew",
+               "--pretext_sets=reconstruct,grid_mask*2", f"--out={out}")
+  # The supervised-only step is added first: the reference of the ratios.
+  assert [(r["pretexts"], r["num_pretext"], r["num_views"], r["num_tasks"])
+          for r in rows] == [("none", 0, 1, 2), ("reconstruct", 1, 1, 3),
+                             ("grid_mask*2", 2, 2, 4)]
+  assert rows[2]["views"] == ["inputs", "grid_mask"]
+  assert rows[0]["ratio_to_supervised"] == 1.0
+  for r in rows:
+    assert r["method"] == "ew" and r["timed_steps"] == 2
+    assert math.isfinite(r["ratio_to_supervised"])
+    assert r["ratio_to_supervised"] > 0
+    assert r["ratio_to_supervised"] == r["ratio_to_ew"]
+  with open(out / "pretext.json") as f:
+    written = json.load(f)
+  assert written["rows"] == rows
+  # Three points, V and P both varying: an exact fit.
+  (fit,) = written["fit"]
+  assert fit["method"] == "ew" and fit["max_abs_residual"] == 0.0
+  with open(out / "benchmark.jsonl") as f:
+    assert [json.loads(line) for line in f] == rows
+  with open(out / "pretext_step_time.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretext_sets_are_parsed_and_bad_ones_named():
+  assert benchmark.parse_pretext_set("none") == []
+  assert benchmark.parse_pretext_set("grid_mask*2+denoise") == [
+      ("grid_mask", 2), ("denoise", 1)]
+  tasks = benchmark.pretext_tasks("reconstruct*2+grid_mask*3", (12, 16, 1))
+  # One view per corrupting pretext; the identity reads the inputs; every
+  # second task of a view takes the L1 loss.
+  assert [(t.name, t.view) for t in tasks] == [
+      ("reconstruct", "inputs"), ("reconstruct_2", "inputs"),
+      ("grid_mask", "grid_mask"), ("grid_mask_2", "grid_mask"),
+      ("grid_mask_3", "grid_mask")]
+  assert tasks[2].output_shape == (6, 8, 1)
+  with pytest.raises(ValueError, match=r"unknown pretext 'jigsaw'"):
+    benchmark.parse_pretext_set("jigsaw")
+  with pytest.raises(ValueError, match=r"'grid_mask' is named twice"):
+    benchmark.parse_pretext_set("grid_mask+grid_mask")
+  with pytest.raises(ValueError, match=r"needs a count >= 1"):
+    benchmark.parse_pretext_set("denoise*0")
+  with pytest.raises(ValueError, match=r"has no pretext tasks"):
+    _main("--pretext", "--methods=baseline", "--steps=1")
+
+
+def test_pretext_fit_recovers_known_costs():
+  # ratio = 1 + 0.8 (V - 1) + 0.05 P, exactly.
+  rows = [{"method": "ew", "num_views": v, "num_pretext": p,
+           "ratio_to_supervised": 1 + 0.8 * (v - 1) + 0.05 * p}
+          for v, p in ((1, 0), (1, 2), (2, 1), (2, 3), (3, 2))]
+  (fit,) = benchmark.pretext_fit(rows)
+  assert (fit["intercept"], fit["per_view"], fit["per_task"]) == (
+      1.0, 0.8, 0.05)
+  assert fit["max_abs_residual"] == 0.0 and fit["points"] == 5
+  # P the same everywhere: no per-task slope to fit; nor from two points.
+  assert benchmark.pretext_fit([dict(r, num_pretext=0) for r in rows]) == []
+  assert benchmark.pretext_fit(rows[:2]) == []
