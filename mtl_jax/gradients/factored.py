@@ -131,20 +131,18 @@ def _columnwise_direction(spec, jac, weights, present, state, losses, counts,
 
 def two_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
                       eps, key: jax.Array) -> Factors | None:
-  """Stage 1: the trunk's VJP; stage 2: one VJP through the heads, whose
-  input perturbations' cotangents are the per-task feature gradients;
-  stage 3: the batched VJP of the trunk. None if the model sows auxiliary
-  losses (found at trace time; the one-stage route handles them)."""
+  """Stage 1: the trunk's VJP, one per view; stage 2: one VJP through the
+  heads, whose input perturbations' cotangents are the per-task feature
+  gradients; stage 3: per view, the batched VJP of that view's trunk pass
+  over the tasks that read it only (K trunk backward passes in all, not K
+  per view). None if the model sows auxiliary losses (found at trace time;
+  the one-stage route handles them)."""
   model = spec.model
-
-  def encode(shared, eps):
-    inputs: dict[str, list[jax.Array]] = {}
-    with gram_lib.intercepting(sites, eps, inputs):
-      features, aux = model.encode({**params, "shared": shared}, batch, key)
-    return features, (inputs, aux)
-
-  features, encode_vjp, (inputs, encode_aux) = jax.vjp(
-      encode, params["shared"], eps, has_aux=True)
+  encoded = [_encode_view(model, params, batch, key, sites, eps, view, i,
+                          len(model.view_names()))
+             for i, view in enumerate(model.view_names())]
+  features = {e.view: e.features for e in encoded}
+  encode_aux = {k: v for e in encoded for k, v in e.aux.items()}
   others = {k: v for k, v in params.items() if k != "shared"}
   views = model.task_views()
 
@@ -164,10 +162,7 @@ def two_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
   denom = jnp.maximum(counts, 1.0)
   # Head k feeds loss k only: its input's cotangent is grad_z L_k.
   head_cts, z_cts = heads_vjp(1.0 / denom)
-  z_grads = {view: jnp.stack([  # [K, B, ...]: zero for tasks of other views
-      z_cts[name] if views[name] == view else jnp.zeros_like(z)
-      for name in model.tasks.names]) for view, z in features.items()}
-  shared_cts, eps_cts = spec.batched_vjp(encode_vjp, z_grads)
+  shared_cts, eps_cts, inputs = _trunk_cotangents(spec, encoded, z_cts, views)
   jac = gram_lib.factor(sites, inputs, eps_cts, shared_cts)
 
   def others_grads(weights):
@@ -179,6 +174,69 @@ def two_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,
 
   return Factors(sums, counts, denom, {}, jac, others_grads,
                  model.kept_features(features))
+
+
+class _Encoded(NamedTuple):
+  """One view's trunk pass: its features, VJP, recorded dense inputs and
+  auxiliary losses."""
+
+  view: str
+  features: jax.Array
+  vjp: Callable[..., Any]
+  inputs: dict[str, list[jax.Array]]
+  aux: dict[str, jax.Array]
+
+
+def _encode_view(model, params, batch, key, sites, eps, view: str,
+                 index: int, num_views: int) -> _Encoded:
+  """The trunk on one view, with the perturbations of that view's calls
+  (each view's pass calls every site equally often, in view order)."""
+  def view_eps(calls):
+    per_view, rest = divmod(len(calls), num_views)
+    if rest:
+      raise ValueError(f"a shared dense layer is called {len(calls)} times "
+                       f"over {num_views} views: every view's trunk pass "
+                       "must call it equally often")
+    return calls[index * per_view:(index + 1) * per_view]
+
+  def encode(shared, eps):
+    inputs: dict[str, list[jax.Array]] = {}
+    with gram_lib.intercepting(sites, eps, inputs):
+      features, aux = model.encode({**params, "shared": shared}, batch, key,
+                                   views=(view,))
+    return features[view], (inputs, aux)
+
+  features, vjp, (inputs, aux) = jax.vjp(
+      encode, params["shared"], {k: view_eps(v) for k, v in eps.items()},
+      has_aux=True)
+  return _Encoded(view, features, vjp, inputs, aux)
+
+
+def _trunk_cotangents(spec: GradientSpec, encoded: list[_Encoded],
+                      z_cts: dict[str, jax.Array], views: dict[str, str]):
+  """`([K, ...] shared cotangents, {site: [[K, ...] per call]}, {site:
+  [inputs per call]})`: each view's batched VJP over its own tasks, placed
+  in the task rows (zero rows for the tasks of other views)."""
+  names = spec.model.tasks.names
+  num_tasks = len(names)
+  shared_cts, eps_cts, inputs = None, {}, {}
+  for e in encoded:
+    rows = [k for k, name in enumerate(names) if views[name] == e.view]
+    if not rows:  # a view read by no task (never: views come from tasks)
+      continue
+    z = jnp.stack([z_cts[names[k]] for k in rows])  # [K_v, B, ...]
+    view_shared, view_eps = spec.batched_vjp(e.vjp, z)
+    index = jnp.asarray(rows)
+
+    def place(x):  # [K_v, ...] -> [K, ...]
+      return jnp.zeros((num_tasks,) + x.shape[1:], x.dtype).at[index].set(x)
+
+    placed = jax.tree.map(place, view_shared)
+    shared_cts = spec_lib.add_trees(placed, shared_cts)
+    for key, calls in view_eps.items():
+      eps_cts.setdefault(key, []).extend(place(c) for c in calls)
+      inputs.setdefault(key, []).extend(e.inputs.get(key, []))
+  return shared_cts, eps_cts, inputs
 
 
 def one_stage_factors(spec: GradientSpec, params: Any, batch: Batch, sites,

@@ -148,11 +148,15 @@ class Forward:
     predictions, head_aux = self.decode(params, features, batch, key)
     return predictions, features, {**aux, **head_aux}
 
-  def encode(self, params, batch: Batch, key: jax.Array
+  def encode(self, params, batch: Batch, key: jax.Array,
+             views: tuple[str, ...] | None = None
              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """`({view: features}, aux)`: the trunk, once per view."""
+    """`({view: features}, aux)`: the trunk, once per view (of `views`, in
+    `view_names` order, or all)."""
     features, aux = {}, {}
     for view, inputs in self.views(batch).items():
+      if views is not None and view not in views:
+        continue
       features[view], view_aux = self._call(params, inputs, batch, key,
                                             method="encode")
       aux.update(_prefixed(view, view_aux))
