@@ -31,7 +31,10 @@ Baselines (their exact definitions, also in `BASELINE_DEFINITIONS`):
   identity     the view itself cropped to the target's region: the fill value
                for grid_mask, the blurred pixels for blur_region, the grey
                image for colourise, the upsampled image for super_resolve, the
-               noisy image for denoise, the image for reconstruct.
+               noisy image for denoise, the image for reconstruct. Where the
+               target is a residual over the view (colourise's default chroma
+               target) it is the zero residual, i.e. the grey image again,
+               and `mean_image` is the reference's chroma added to the view.
 
 PSNR is per example and averaged over examples, exactly as `metrics.psnr`:
 `10 * log10(max_value^2 / max(mse_b, PSNR_MSE_FLOOR * max_value^2))`, so at
@@ -67,7 +70,8 @@ BASELINE_DEFINITIONS = {
         "around it: deg(p) u_p = sum of u over p's in-image 4-neighbours, "
         "known pixels fixed, no neighbours beyond the image border "
         "(zero-gradient border); solved exactly by sparse LU"),
-    "identity": "the view itself cropped to the target region",
+    "identity": ("the view itself cropped to the target region (the zero "
+                 "residual for colourise's chroma target: the grey image)"),
 }
 
 # The pretexts whose target is an image or an image region.
@@ -491,8 +495,11 @@ def _image_quality(predict, pretext, key, images, reference, max_value,
     }
     region = "a region per example (positions regenerated from the key)"
   else:
-    baselines = {"mean_image": _scores(full_ref, target, max_value),
-                 "identity": _scores(view_np, target, max_value)}
+    unchanged = np.asarray(vision.unchanged_target(pretext, view))
+    mean_target = np.asarray(pretext.transform(key, jnp.asarray(
+        full_ref, jnp.float32))[1]) if pretext.name == "colourise" else full_ref
+    baselines = {"mean_image": _scores(mean_target, target, max_value),
+                 "identity": _scores(unchanged, target, max_value)}
     region = "the whole image"
   model = _scores(pred, target, max_value)
   best_name, best_psnr = _best(baselines)

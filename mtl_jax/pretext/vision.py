@@ -22,7 +22,10 @@ Pretexts (`get_pretext(name, **hyperparams)`, the names in `PRETEXTS`):
   blur_region    an h x w region per example is replaced by its Gaussian-blurred
                  version; the target is the original region `[h, w, C]`.
   colourise      the view is the BT.601 luminance replicated to 3 channels; the
-                 target is the colour image.
+                 target is the colour the view lacks, the chroma `image -
+                 view` (per channel, so that `view + target` is the colour
+                 image and the error of the target is the error of the
+                 colour image), or with `target="rgb"` the colour image.
   super_resolve  the view is the image average-pooled by `factor` and repeated
                  back to the input size; the target is the image. When H or W
                  is not a multiple of `factor`, the divisible top-left part is
@@ -323,8 +326,21 @@ def _image_target_pretext(name: str, corrupt: Callable[[jax.Array, jax.Array],
                  metrics=("psnr",), hyperparams=hyperparams, view_id=view_id)
 
 
-def colourise() -> Pretext:
-  """See the luminance (replicated to 3 channels), predict the colour image."""
+COLOUR_TARGETS = ("chroma", "rgb")
+
+
+def colourise(target: str = "chroma") -> Pretext:
+  """See the luminance (replicated to 3 channels), predict the colour.
+
+  Args:
+    target: "chroma": the colour image minus the view (what the grey image
+      lacks; a head that outputs 0 reproduces the grey image, so it learns
+      only the colour, as colourisers predict chrominance given lightness);
+      "rgb": the colour image itself.
+  """
+  if target not in COLOUR_TARGETS:
+    raise ValueError(f"colourise: unknown target {target!r}; valid: "
+                     f"{', '.join(COLOUR_TARGETS)}")
 
   def check_shape(h, w, c):
     if c != 3:
@@ -333,9 +349,28 @@ def colourise() -> Pretext:
           f"in (H, W, C) = {(h, w, c)} (greyscale inputs have no colour to "
           f"predict)")
 
-  return _image_target_pretext(
-      "colourise", lambda rng, x: jnp.repeat(luminance(x), 3, axis=-1),
-      check_shape)
+  grey = lambda x: jnp.repeat(luminance(x), 3, axis=-1)
+  if target == "rgb":
+    return _image_target_pretext("colourise", lambda rng, x: grey(x),
+                                 check_shape, target=target)
+  pretext = _image_target_pretext("colourise", lambda rng, x: grey(x),
+                                  check_shape, target=target)
+
+  def transform(rng, images):
+    view, image, mask = pretext.transform(rng, images)
+    return view, image - view, mask
+
+  return dataclasses.replace(pretext, transform=transform)
+
+
+def unchanged_target(pretext: Pretext, view: jax.Array) -> jax.Array:
+  """The target of a whole-image pretext that leaves the view as it is:
+  the view itself, or zeros where the target is a residual over the view
+  (colourise's chroma). The "identity" baseline of `learnability`."""
+  if pretext.name == "colourise" and pretext.hyperparams.get(
+      "target") == "chroma":
+    return jnp.zeros_like(view)
+  return view
 
 
 # ----------------------------------------------------------------------------

@@ -204,12 +204,14 @@ def test_colourise_and_grid_mask_on_a_real_batch(run):
   out = jax.device_get(jax.jit(lambda b, k: pretext_lib.add_views(
       tasks, b, k))(batch, jax.random.PRNGKey(3)))
 
-  np.testing.assert_array_equal(out["labels"]["colourise"], batch["inputs"])
   view = out["views"]["colourise"]
   assert view.shape == images.shape
   luma = images @ LUMA  # [B, H, W]
   for c in range(3):
     np.testing.assert_allclose(view[..., c], luma, atol=1e-6)
+  # The label is the chroma: the view plus the label is the colour image.
+  np.testing.assert_allclose(view + out["labels"]["colourise"], images,
+                             atol=1e-6)
   np.testing.assert_array_equal(out["masks"]["colourise"], np.ones(BATCH))
 
   # grid_mask: each row's label is one (H/2, W/4) cell of its image, and the

@@ -201,7 +201,8 @@ def test_denoise_identity_predictor_equals_the_identity_baseline():
 
 
 @pytest.mark.parametrize("pretext", [
-    vision.colourise(), vision.super_resolve(2), vision.reconstruct()])
+    vision.colourise(target="rgb"), vision.super_resolve(2),
+    vision.reconstruct()])
 def test_whole_image_pretexts_identity_baseline(pretext):
   images = np.random.default_rng(0).uniform(0, 1, (6, 8, 8, 3))
   view, _, _ = pretext.transform(KEY, jnp.asarray(images, jnp.float32))
@@ -292,3 +293,17 @@ def test_bad_input_is_rejected(tmp_path):
   with pytest.raises(ValueError, match="grid_cell_quality result"):
     learnability.plot_cell_heatmaps({"kind": "pretext_quality"},
                                     str(tmp_path / "x.png"))
+
+
+def test_colourise_chroma_identity_baseline_is_the_grey_image():
+  """With the chroma target, predicting 0 (no colour) is the identity
+  baseline, and its error is the grey image's error against the colour
+  image."""
+  images = np.random.default_rng(0).uniform(0, 1, (6, 8, 8, 3))
+  pretext = vision.colourise()
+  view, _, _ = pretext.transform(KEY, jnp.asarray(images, jnp.float32))
+  result = learnability.pretext_quality(jnp.zeros_like, images, pretext, KEY)
+  assert result["model"] == result["baselines"]["identity"]
+  _, psnr = learnability.psnr_per_example(view, images.astype(np.float32))
+  assert result["baselines"]["identity"]["psnr"] == pytest.approx(
+      psnr.mean(), rel=1e-5)

@@ -134,7 +134,16 @@ def test_colourise_view_is_bt601_luminance_replicated():
   grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
   for ch in range(3):
     np.testing.assert_allclose(view[..., ch], grey, rtol=1e-6)
-  np.testing.assert_array_equal(target, images)
+  # The default target is the chroma: the view plus the target is the image.
+  np.testing.assert_allclose(target, x - grey[..., None], atol=1e-6)
+  np.testing.assert_allclose(view + target, images, atol=1e-6)
+  rgb_view, rgb_target, _ = pretext.colourise(target="rgb").transform(
+      KEY, images)
+  np.testing.assert_array_equal(rgb_view, view)
+  np.testing.assert_array_equal(rgb_target, images)
+  with pytest.raises(ValueError, match=r"colourise: unknown target 'lab'; "
+                     "valid: chroma, rgb"):
+    pretext.colourise(target="lab")
   # Pure red, green, blue pixels give the BT.601 weights.
   rgb = jnp.eye(3, dtype=jnp.float32).reshape(1, 1, 3, 3)
   np.testing.assert_allclose(pretext.colourise().transform(KEY, rgb)[0][0, 0],
