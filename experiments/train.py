@@ -313,6 +313,33 @@ def _with_pretexts(config: ml_collections.ConfigDict,
   return tasks
 
 
+def initial_state(exp: Experiment, sample_inputs: Any, seed: int
+                  ) -> state_lib.TrainState:
+  """The host train state at step 0: params from `seed`, the methods'
+  states and the clustering tasks' state (`exp.parallel.put_state` places
+  it)."""
+  rng = jax.random.PRNGKey(seed)
+  params = state_lib.init_params(exp.model, sample_inputs, rng)
+  task_state = cluster_lib.init_task_state(
+      exp.tasks, lambda x: exp.model.apply({"params": params}, x,
+                                           method="encode"),
+      sample_inputs)
+  return state_lib.create_train_state(
+      params, exp.optimizer, exp.weighting, len(exp.tasks),
+      jax.random.fold_in(rng, 1), exp.aggregator, task_state)
+
+
+def compile_train_step(exp: Experiment, state: Any) -> Any:
+  """The run's train step, NaN/Inf guarded, compiled for the placed
+  `state`."""
+  par = exp.parallel
+  return par.compile_train_step(guard.skip_nonfinite(
+      step_lib.make_train_step(
+          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
+          schedule=exp.schedule, axis_name=par.axis_name,
+          **exp.step_kwargs()), exp.tasks.names), state)
+
+
 def make_parallel(config: ml_collections.ConfigDict
                   ) -> parallel_lib.DataParallel:
   """The device mesh and parallelism of the run; checks the batch sizes."""
@@ -348,11 +375,7 @@ def _train(config: ml_collections.ConfigDict, exp: Experiment, state: Any,
   """Runs the training loop to `config.num_steps`; returns the final state
   and its eval metrics."""
   par = exp.parallel
-  train_step = par.compile_train_step(guard.skip_nonfinite(
-      step_lib.make_train_step(
-          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
-          schedule=exp.schedule, axis_name=par.axis_name,
-          **exp.step_kwargs()), exp.tasks.names), state)
+  train_step = compile_train_step(exp, state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
   evaluate = evaluate_lib.make_evaluate(exp.model.apply, exp.tasks,
                                         exp.eval_stream, parallel=par,
@@ -387,17 +410,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                "of %d", exp.tasks.names, exp.label_counts, exp.num_unlabelled,
                exp.num_train_examples)
 
-  rng = jax.random.PRNGKey(config.seed)
   data_state = exp.train_mixture.initial_state()
   sample, _ = exp.train_mixture.batch(data_state)
-  params = state_lib.init_params(exp.model, sample["inputs"], rng)
-  task_state = cluster_lib.init_task_state(
-      exp.tasks, lambda x: exp.model.apply({"params": params}, x,
-                                           method="encode"),
-      sample["inputs"])
-  state = par.put_state(state_lib.create_train_state(
-      params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1), exp.aggregator, task_state))
+  state = par.put_state(initial_state(exp, sample["inputs"], config.seed))
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.max_checkpoints_to_keep)

@@ -20,10 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import train
-from mtl_jax.training import evaluate as evaluate_lib
-from mtl_jax.training import guard
-from mtl_jax.training import state as state_lib
-from mtl_jax.training import step as step_lib
+
+import train_testing  # tests/train_testing.py
 
 NUM_MOCK = 12
 NUM_STEPS = 3
@@ -50,35 +48,6 @@ def _small(config):
   return config
 
 
-def _train_and_evaluate(exp, seed):
-  """What `train.run` does with the experiment, without the loop's files:
-  returns the per-step metrics, the final eval metrics and the iterator."""
-  par = exp.parallel
-  data_state = exp.train_mixture.initial_state()
-  sample, _ = exp.train_mixture.batch(data_state)
-  rng = jax.random.PRNGKey(seed)
-  params = state_lib.init_params(exp.model, sample["inputs"], rng)
-  state = par.put_state(state_lib.create_train_state(
-      params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1), exp.aggregator))
-  step = par.compile_train_step(guard.skip_nonfinite(
-      step_lib.make_train_step(
-          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
-          schedule=exp.schedule, axis_name=par.axis_name,
-          **exp.step_kwargs()), exp.tasks.names), state)
-  iterator = exp.train_mixture.iterator(data_state)
-  history = []
-  for _ in range(NUM_STEPS):
-    batch = next(iterator)
-    exp.tasks.validate_batch(batch)
-    state, metrics = step(state, par.put_batch(batch))
-    history.append((jax.device_get(par.to_host(metrics)), batch))
-  evaluate = evaluate_lib.make_evaluate(exp.model.apply, exp.tasks,
-                                        exp.eval_stream, parallel=par,
-                                        params_like=state.params)
-  return history, evaluate(state.params), iterator
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_trains_under_mock_data(name):
   module = importlib.import_module(f"experiments.configs.{name}")
@@ -87,7 +56,8 @@ def test_config_trains_under_mock_data(name):
     config.tasks = "Smiling,Male,landmarks"
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     exp = train.build_experiment(config)
-    history, final_eval, iterator = _train_and_evaluate(exp, config.seed)
+    history, final_eval, iterator = train_testing.train_and_evaluate(
+        exp, config.seed, NUM_STEPS)
     # The iterator's position (what a checkpoint stores) is plain JSON, and
     # an iterator restored from it continues with the same batches.
     data_state = json.loads(json.dumps(iterator.get_state()))

@@ -32,10 +32,8 @@ from experiments import train
 from experiments.configs import celeb_a as celeb_a_config
 from experiments.configs import shapes3d as shapes3d_config
 from mtl_jax import pretext as pretext_lib
-from mtl_jax.training import evaluate as evaluate_lib
-from mtl_jax.training import guard
-from mtl_jax.training import state as state_lib
-from mtl_jax.training import step as step_lib
+
+import train_testing  # tests/train_testing.py
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_MOCK = 8
@@ -96,42 +94,13 @@ class Run(NamedTuple):
   final_eval: dict[str, float]
 
 
-def _train_and_evaluate(exp, seed: int):
-  """What `train.run` does with the experiment, without the loop's files
-  (as in `tests/catalog_train_test.py`): per-step metrics with their batch,
-  and the final eval metrics."""
-  par = exp.parallel
-  data_state = exp.train_mixture.initial_state()
-  sample, _ = exp.train_mixture.batch(data_state)
-  rng = jax.random.PRNGKey(seed)
-  params = state_lib.init_params(exp.model, sample["inputs"], rng)
-  state = par.put_state(state_lib.create_train_state(
-      params, exp.optimizer, exp.weighting, len(exp.tasks),
-      jax.random.fold_in(rng, 1), exp.aggregator))
-  step = par.compile_train_step(guard.skip_nonfinite(
-      step_lib.make_train_step(
-          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
-          schedule=exp.schedule, axis_name=par.axis_name,
-          **exp.step_kwargs()), exp.tasks.names), state)
-  iterator = exp.train_mixture.iterator(data_state)
-  history = []
-  for _ in range(NUM_STEPS):
-    batch = next(iterator)
-    exp.tasks.validate_batch(batch)
-    state, metrics = step(state, par.put_batch(batch))
-    history.append((jax.device_get(par.to_host(metrics)), batch))
-  evaluate = evaluate_lib.make_evaluate(exp.model.apply, exp.tasks,
-                                        exp.eval_stream, parallel=par,
-                                        params_like=state.params)
-  return history, evaluate(state.params)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def run(request) -> Run:
   config = _small(request.param)
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
     exp = train.build_experiment(config)
-    history, final_eval = _train_and_evaluate(exp, config.seed)
+    history, final_eval, _ = train_testing.train_and_evaluate(
+        exp, config.seed, NUM_STEPS)
   return Run(request.param, exp, history, final_eval)
 
 
