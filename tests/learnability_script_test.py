@@ -19,6 +19,9 @@ from experiments import learnability
 from experiments import train
 from experiments.configs import multi_digits as md_config
 
+# The module fixture trains once: every test of the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("learnability_script")
+
 NUM_STEPS = 20
 GRID = (2, 2)
 NUM_IMAGES = 40

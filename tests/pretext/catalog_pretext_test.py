@@ -35,6 +35,9 @@ from mtl_jax import pretext as pretext_lib
 
 import train_testing  # tests/train_testing.py
 
+# The module fixture trains once: every test of the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("catalog_pretext")
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_MOCK = 8
 BATCH = 8

@@ -20,7 +20,6 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
 from mtl_jax.models import build
 from mtl_jax.pretext import views
-from mtl_jax.training import parallel
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
 
@@ -212,28 +211,6 @@ def test_step_losses_are_the_pretext_losses_on_the_views():
   # ae: the 3 labelled rows; rot: the 5 pool rows; cell: all 8.
   assert [float(metrics[f"{t}/count"]) for t in ("ae", "rot", "cell")] == [
       3.0, 5.0, 8.0]
-
-
-def test_pmap_step_equals_one_device():
-  model = _model()
-  opt = optax.adam(1e-2)
-  batch = _batch(size=16)
-  batch["masks"]["cls"][8:] = 1.0
-  state = _state(model, opt=opt)
-  make = lambda axis: step_lib.make_train_step(
-      model.apply, TASKS, opt, weighting.equal(), encode_decode=True,
-      axis_name=axis)
-  ref_state, ref = jax.jit(make(None))(state, batch)
-  par = parallel.DataParallel(parallel.make_mesh(8), parallelism="pmap")
-  step = par.compile_train_step(make(par.axis_name), par.put_state(state))
-  new_state, metrics = step(par.put_state(state), par.put_batch(batch))
-  metrics = par.to_host(metrics)
-  for key in ref:
-    np.testing.assert_allclose(metrics[key], ref[key], rtol=1e-5, atol=1e-6,
-                               err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-6),
-               par.unreplicate(new_state).params, ref_state.params)
 
 
 def test_eval_step_scores_pretexts_on_real_rows_only():
