@@ -185,24 +185,44 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     check_state_matches(state, optimizer, weighting, aggregator, len(tasks))
     keys = step_keys(state, axis_name)
-    batch = views_lib.add_views(tasks, batch, keys.pretext,
-                                row_offset=row_offset(batch, axis_name))
-    if state.task_state:
-      batch = {**batch, "task_state": state.task_state}
+    batch = with_task_inputs(tasks, state, batch, keys, axis_name)
     result = path(spec, state.params, batch,
                   gradients.MethodStates(state.weighting_state,
                                          state.aggregation_state), keys)
     new_state, metrics = apply_gradients(spec, optimizer, state, batch,
                                          result, keys, schedule)
-    if not state.task_state:
-      return new_state, metrics
-    task_state = cluster_lib.update_states(
-        tasks, state.task_state, result.features, batch, state.step,
-        keys.pretext, axis_name)
-    metrics.update(cluster_lib.metrics(tasks, task_state))
-    return new_state.replace(task_state=task_state), metrics
+    return update_task_state(tasks, state, new_state, metrics, result, batch,
+                             keys, axis_name)
 
   return step
+
+
+def with_task_inputs(tasks: tasks_lib.TaskSet, state: TrainState,
+                     batch: Batch, keys: gradients.StepKeys,
+                     axis_name: str | None) -> dict[str, Any]:
+  """The batch with the pretext tasks' views, labels and masks, and the
+  tasks' state (the clustering centroids) where there is one."""
+  batch = views_lib.add_views(tasks, batch, keys.pretext,
+                              row_offset=row_offset(batch, axis_name))
+  if state.task_state:
+    batch = {**batch, "task_state": state.task_state}
+  return batch
+
+
+def update_task_state(tasks: tasks_lib.TaskSet, state: TrainState,
+                      new_state: TrainState, metrics: dict[str, Any],
+                      result: gradients.Gradients, batch: Batch,
+                      keys: gradients.StepKeys, axis_name: str | None
+                      ) -> tuple[TrainState, dict[str, Any]]:
+  """The clustering tasks' banks and k-means fits after the step (with
+  their metrics); the state as it is without such tasks."""
+  if not state.task_state:
+    return new_state, metrics
+  task_state = cluster_lib.update_states(
+      tasks, state.task_state, result.features, batch, state.step,
+      keys.pretext, axis_name)
+  metrics.update(cluster_lib.metrics(tasks, task_state))
+  return new_state.replace(task_state=task_state), metrics
 
 
 def step_keys(state: TrainState, axis_name: str | None) -> gradients.StepKeys:
