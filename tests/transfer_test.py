@@ -8,6 +8,7 @@ import pytest
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
 from mtl_jax.models import build
+from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
 from mtl_jax.training import transfer
@@ -102,3 +103,32 @@ def test_freeze_patterns_are_checked():
   with pytest.raises(ValueError, match=r"freeze pattern 'trunk/\*' matches "
                      "no param"):
     transfer.frozen_labels(params, ["trunk/*"])
+
+
+def test_read_params_from_a_workdir_and_named_errors(tmp_path):
+  tasks, _, params = _params(["a"])
+  state = state_lib.create_train_state(params, optax.sgd(0.1),
+                                       weighting.equal(), len(tasks),
+                                       jax.random.PRNGKey(1))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  ckpt.save(3, state, wait=True)
+  ckpt.save(7, state.replace(params=jax.tree.map(lambda x: x + 1, params)),
+            wait=True)
+  ckpt.close()
+  step, read = transfer.read_params(str(tmp_path / "run"))
+  assert step == 7
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 1), read,
+               params)
+  step, read = transfer.read_params(str(tmp_path / "run" / "checkpoints"), 3)
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, read, params)
+  with pytest.raises(FileNotFoundError, match=r"init_from path '.*nowhere' "
+                     "does not exist"):
+    transfer.read_params(str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"holds no checkpoint"):
+    transfer.read_params(str(tmp_path / "empty"))
+  assert not (tmp_path / "empty" / "checkpoints").exists()
+  with pytest.raises(ValueError, match=r"no checkpoint at step 5; steps: "
+                     r"\[3, 7\]"):
+    transfer.read_params(str(tmp_path / "run"), 5)

@@ -24,13 +24,18 @@ pattern unchanged (`optax.multi_transform` with `optax.set_to_zero`), e.g.
 from __future__ import annotations
 
 import fnmatch
+import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import optax
 
+from mtl_jax.training import checkpoint as checkpoint_lib
+
 TASKS = "tasks"
+# Where experiments/train.py keeps a run's checkpoints inside its workdir.
+CHECKPOINT_DIR = "checkpoints"
 
 
 class TransferReport(NamedTuple):
@@ -137,6 +142,43 @@ def _merge_heads(fresh: Mapping[str, Any], source: Mapping[str, Any]
             for p in _leaves(source[task])]
   return heads, TransferReport(tuple(restored), tuple(initialised),
                                tuple(unused))
+
+
+def read_params(path: str, step: int | None = None) -> tuple[int, Any]:
+  """`(step, params)` of a run's checkpoint, as numpy arrays.
+
+  Args:
+    path: a run's workdir (its checkpoints are in `checkpoints/`) or a
+      checkpoint directory itself.
+    step: the checkpoint's step; None: the latest readable one.
+
+  Raises:
+    FileNotFoundError: `path` does not exist or holds no checkpoint.
+    ValueError: no checkpoint at `step` (lists the steps there are).
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from path {path!r} does not exist")
+  directory = os.path.join(path, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    directory = path
+  # Checkpointer creates its directory: only open one that holds steps.
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"init_from path {path!r} holds no checkpoint "
+                            "(neither it nor its checkpoints/ has a step)")
+  if step is not None and step not in steps:
+    raise ValueError(f"init_from path {path!r} has no checkpoint at step "
+                     f"{step}; steps: {steps}")
+  checkpointer = checkpoint_lib.Checkpointer(directory)
+  try:
+    if step is None:
+      step = checkpointer.latest_step()
+      state = checkpointer.read()
+    else:
+      state = checkpointer.read(step)
+  finally:
+    checkpointer.close()
+  return int(step), jax.tree.map(np.asarray, state["params"])
 
 
 def drop_tasks(params: Mapping[str, Any], tasks: Sequence[str]
