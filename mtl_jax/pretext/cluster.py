@@ -140,7 +140,7 @@ def cluster_task(name: str = "cluster", *, num_clusters: int = 10,
 def feature_tasks(tasks: tasks_lib.TaskSet) -> tuple[tasks_lib.Task, ...]:
   """The tasks whose labels are made from the shared features."""
   return tuple(t for t in tasks.pretexts
-               if getattr(t.pretext, "from_features", False))
+               if t.pretext.from_features)
 
 
 def init_task_state(tasks: tasks_lib.TaskSet, encode: Any,

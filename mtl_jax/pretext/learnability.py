@@ -496,8 +496,10 @@ def _image_quality(predict, pretext, key, images, reference, max_value,
     region = "a region per example (positions regenerated from the key)"
   else:
     unchanged = np.asarray(vision.unchanged_target(pretext, view))
+    # The reference as the target sees it: the image itself, or (residual
+    # targets) the reference's own residual, e.g. its chroma.
     mean_target = np.asarray(pretext.transform(key, jnp.asarray(
-        full_ref, jnp.float32))[1]) if pretext.name == "colourise" else full_ref
+        full_ref, jnp.float32))[1]) if pretext.residual else full_ref
     baselines = {"mean_image": _scores(mean_target, target, max_value),
                  "identity": _scores(unchanged, target, max_value)}
     region = "the whole image"

@@ -177,7 +177,7 @@ def add_views(tasks: tasks_lib.TaskSet, batch: Batch, key: jax.Array, *,
   labels, masks = dict(batch["labels"]), dict(batch["masks"])
   for task in tasks.pretexts:
     rows = "all" if every_row else task.rows
-    if getattr(task.pretext, "from_features", False):
+    if task.pretext.from_features:
       # Labelled from the shared features in the forward pass
       # (`mtl_jax.pretext.cluster`); here only its rows.
       labels[task.name] = jnp.zeros(images.shape[:1], jnp.int32)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,10 @@ class Pretext:
       share a view (one trunk pass) only if their view ids are equal, i.e. the
       same key gives the same view. Defaults to the name and hyperparameters;
       `"identity"` for a pretext whose view is its inputs unchanged.
+    residual: the target is the image minus the view (colourise's chroma),
+      so a head that outputs 0 leaves the view as it is.
+    from_features: False: the labels come from the transform (a clustering
+      task's come from the shared features; `mtl_jax.pretext.cluster`).
   """
   name: str
   transform: Transform
@@ -94,6 +98,8 @@ class Pretext:
   target_dtype: Any = jnp.float32
   hyperparams: dict[str, Any] = dataclasses.field(default_factory=dict)
   view_id: Any = None
+  residual: bool = False
+  from_features: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.view_id is None:
@@ -360,17 +366,14 @@ def colourise(target: str = "chroma") -> Pretext:
     view, image, mask = pretext.transform(rng, images)
     return view, image - view, mask
 
-  return dataclasses.replace(pretext, transform=transform)
+  return dataclasses.replace(pretext, transform=transform, residual=True)
 
 
 def unchanged_target(pretext: Pretext, view: jax.Array) -> jax.Array:
   """The target of a whole-image pretext that leaves the view as it is:
   the view itself, or zeros where the target is a residual over the view
-  (colourise's chroma). The "identity" baseline of `learnability`."""
-  if pretext.name == "colourise" and pretext.hyperparams.get(
-      "target") == "chroma":
-    return jnp.zeros_like(view)
-  return view
+  (`Pretext.residual`). The "identity" baseline of `learnability`."""
+  return jnp.zeros_like(view) if pretext.residual else view
 
 
 # ----------------------------------------------------------------------------

@@ -141,6 +141,10 @@ def test_colourise_view_is_bt601_luminance_replicated():
       KEY, images)
   np.testing.assert_array_equal(rgb_view, view)
   np.testing.assert_array_equal(rgb_target, images)
+  # Only the chroma target is a residual over the view.
+  assert p.residual and not pretext.colourise(target="rgb").residual
+  assert not any(pretext.get_pretext(n).residual
+                 for n in ("denoise", "reconstruct", "super_resolve"))
   with pytest.raises(ValueError, match=r"colourise: unknown target 'lab'; "
                      "valid: chroma, rgb"):
     pretext.colourise(target="lab")
