@@ -53,6 +53,7 @@ from mtl_jax.training import parallel as parallel_lib
 from mtl_jax.training import run_config
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
+from mtl_jax.training import transfer as transfer_lib
 from mtl_jax.training import writers
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -84,7 +85,18 @@ MAY_DIFFER = ("num_steps", "log_every", "eval_every", "checkpoint_every",
               "aggregation.jacobian",
               "data.data_dir", "data.prefetch",
               "eval_batch_size",
-              "parallelism", "sharding", "mesh.data")
+              "parallelism", "sharding", "mesh.data", "allow_task_change")
+# What may also change with config.allow_task_change: the task set and what
+# only concerns it (transfer.continue_state carries the rest over).
+TASK_CHANGE_MAY_DIFFER = ("tasks", "task_weights.*", "pretext.*",
+                          "data.label_fractions.*", "data.drop_unlabelled",
+                          "data.mixture.*")
+# Written to the workdir: how the run started (`init_from`) and each change of
+# its task set (`allow_task_change`); results.json repeats both.
+INIT_FROM_FILE = "init_from.json"
+TASK_CHANGES_FILE = "task_changes.json"
+# config.tasks value for no supervised task (e.g. pre-training on pretexts).
+NO_TASKS = "none"
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -133,6 +145,26 @@ def _task_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(n.strip() for n in config.tasks.split(",") if n.strip())
 
 
+def _param_groups(o: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+  """`(pattern, lr scale)` of config.optimizer.freeze (scale 0) and
+  config.optimizer.lr_scales ("pattern=scale,..."), freeze first."""
+  groups = [(p.strip(), 0.0) for p in o.freeze.split(",") if p.strip()]
+  for item in o.lr_scales.split(","):
+    if not item.strip():
+      continue
+    pattern, sep, scale = item.partition("=")
+    try:
+      value = float(scale)
+    except ValueError:
+      value = None
+    if not sep or not pattern.strip() or value is None or not value >= 0:
+      raise ValueError(
+          f"config.optimizer.lr_scales: {item.strip()!r} is not "
+          "'pattern=scale' with a scale >= 0 (e.g. 'shared/*=0.1')")
+    groups.append((pattern.strip(), value))
+  return groups
+
+
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """The dataset's name and options, and the ranges of plain numbers."""
   d = config.data
@@ -145,6 +177,11 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       max_checkpoints_to_keep=config.max_checkpoints_to_keep,
       max_nonfinite_streak=config.max_nonfinite_streak, prefix="config.")
   checks.check_count("config.seed", config.seed, 0, "a non-negative integer")
+  checks.check_count("config.init_from_step", config.init_from_step, -1,
+                     "a step >= 0, or -1 for the latest")
+  if config.init_from_step >= 0 and not config.init_from:
+    raise ValueError(f"config.init_from_step={config.init_from_step} needs "
+                     "config.init_from (the run to start from)")
   checks.check_count("config.data.label_seed", d.label_seed, 0,
                      "a non-negative integer")
   checks.check_count("config.data.prefetch", d.prefetch, 1, "an integer >= 1")
@@ -198,7 +235,8 @@ def check_config(config: ml_collections.ConfigDict) -> _Checked:
       o.name, o.learning_rate, schedule=o.schedule,
       total_steps=config.num_steps, warmup_steps=o.warmup_steps,
       momentum=o.momentum, weight_decay=o.weight_decay,
-      grad_clip_norm=o.grad_clip_norm, prefix="config.optimizer.")
+      grad_clip_norm=o.grad_clip_norm, param_groups=_param_groups(o),
+      prefix="config.optimizer.")
   # Static weights are the tasks' (known with the dataset); their values are
   # checked here.
   weighting = _make_weighting(config, [float(w) for w in
@@ -259,9 +297,15 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   d, a = config.data, config.aggregation
   dataset = data_build.load_dataset(d.name, data_dir=d.data_dir or None,
                                     options=dict(d.options))
-  supervised = data_build.select_tasks(dataset.tasks, _task_names(config),
-                                       dict(config.task_weights),
-                                       weights_field="config.task_weights")
+  if config.tasks.strip() == NO_TASKS:
+    supervised = tasks_lib.TaskSet([])
+    if not config.pretext.names.strip():
+      raise ValueError(f"config.tasks={NO_TASKS!r} trains no supervised "
+                       "task: name pretexts in config.pretext.names")
+  else:
+    supervised = data_build.select_tasks(dataset.tasks, _task_names(config),
+                                         dict(config.task_weights),
+                                         weights_field="config.task_weights")
   data_build.check_task_names(dict(d.label_fractions), dataset.tasks.names,
                               "config.data.label_fractions")
   data = data_build.build_data(
@@ -277,6 +321,13 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   tasks = _with_pretexts(config, supervised, sample)
   weighting = _make_weighting(config, tasks.static_weights)
   model = _make_model(config, tasks, dataset.info)
+  abstract = models_build.abstract_params(model, sample)
+  transfer_lib.check_patterns(
+      abstract, [p for p, s in _param_groups(config.optimizer) if s == 0],
+      "config.optimizer.freeze pattern")
+  transfer_lib.check_patterns(
+      abstract, [p for p, _ in _param_groups(config.optimizer)],
+      "config.optimizer.lr_scales pattern")
   return Experiment(
       tasks=tasks, model=model, optimizer=checked.optimizer,
       schedule=checked.schedule, weighting=weighting,
@@ -313,13 +364,14 @@ def _with_pretexts(config: ml_collections.ConfigDict,
   return tasks
 
 
-def initial_state(exp: Experiment, sample_inputs: Any, seed: int
-                  ) -> state_lib.TrainState:
-  """The host train state at step 0: params from `seed`, the methods'
-  states and the clustering tasks' state (`exp.parallel.put_state` places
-  it)."""
+def initial_state(exp: Experiment, sample_inputs: Any, seed: int,
+                  params: Any = None) -> state_lib.TrainState:
+  """The host train state at step 0: params from `seed` (or `params`, e.g.
+  restored by `transfer.merge_params`), the methods' states and the
+  clustering tasks' state (`exp.parallel.put_state` places it)."""
   rng = jax.random.PRNGKey(seed)
-  params = state_lib.init_params(exp.model, sample_inputs, rng)
+  if params is None:
+    params = state_lib.init_params(exp.model, sample_inputs, rng)
   task_state = cluster_lib.init_task_state(
       exp.tasks, lambda x: exp.model.apply({"params": params}, x,
                                            method="encode"),
@@ -351,12 +403,31 @@ def make_parallel(config: ml_collections.ConfigDict
   return par
 
 
-def _restore(checkpointer: checkpoint_lib.Checkpointer,
-             par: parallel_lib.DataParallel, state: Any, data_state: Any,
-             workdir: str, is_main: bool) -> tuple[Any, Any]:
-  """The latest checkpoint's state and data position, if there is one."""
-  if checkpointer.latest_step() is None:
+def _restore(checkpointer: checkpoint_lib.Checkpointer, exp: Experiment,
+             host_state: Any, data_state: Any, workdir: str, is_main: bool,
+             allow_task_change: bool) -> tuple[Any, Any]:
+  """The placed state and data position to train from: the latest
+  checkpoint's, carried over to a changed task set when allowed, or
+  `host_state` at the start."""
+  par = exp.parallel
+  state = par.put_state(host_state)
+  latest = checkpointer.latest_step()
+  if latest is None:
     return state, data_state
+  meta = checkpointer.metadata(latest)
+  saved_tasks = tuple(meta["tasks"]) if meta and "tasks" in meta else None
+  if saved_tasks is None and allow_task_change:  # saved without metadata
+    heads = checkpointer.read(latest)["params"].get(transfer_lib.TASKS, {})
+    if set(heads) != set(exp.tasks.names):
+      saved_tasks = tuple(heads)
+  if saved_tasks is not None and saved_tasks != exp.tasks.names:
+    if not allow_task_change:
+      raise ValueError(
+          f"the checkpoint at step {latest} in {workdir} trains tasks "
+          f"{list(saved_tasks)}, the config {list(exp.tasks.names)}; set "
+          "config.allow_task_change=True to continue it with this task set")
+    return _continue_with_tasks(checkpointer, exp, host_state, workdir,
+                                is_main, meta is not None)
   step, restored, data_state = checkpointer.restore_with_data(
       par.for_checkpoint(state))
   state = par.from_checkpoint(restored)
@@ -367,6 +438,72 @@ def _restore(checkpointer: checkpoint_lib.Checkpointer,
     writers.truncate_jsonl(os.path.join(workdir, writers.JSONL_FILE), step)
   logging.info("resumed from checkpoint at step %d", par.step_of(state))
   return state, data_state
+
+
+def _continue_with_tasks(checkpointer: checkpoint_lib.Checkpointer,
+                         exp: Experiment, host_state: Any, workdir: str,
+                         is_main: bool, has_order: bool) -> tuple[Any, Any]:
+  """The latest checkpoint carried over to `exp`'s task set
+  (`transfer.continue_state`); the data position continues, or restarts at
+  the step in the changed mixture's stream (`Mixture.state_at`)."""
+  step, old = checkpointer.read_latest()
+  meta = checkpointer.metadata(step) if has_order else None
+  old_tasks = tuple(meta["tasks"]) if meta and "tasks" in meta else None
+  host, change = transfer_lib.continue_state(host_state, old, old_tasks,
+                                             exp.tasks.names)
+  data_state = checkpointer.data_state(step)
+  mixture = exp.train_mixture
+  try:
+    mixture.check_state(data_state)
+    data = "continued"
+  except ValueError:  # the task set changed the mixture's components
+    data_state = mixture.state_at(step)
+    data = "the changed mixture's stream at this step"
+  record = {**change.to_json(), "data_position": data}
+  logging.info(
+      "continued the checkpoint at step %d with task set %s: added %s, "
+      "removed %s; %d param arrays restored, %d initialised; optimizer "
+      "state: %d leaves continued, %d initialised; method states %s; data "
+      "position: %s", step, list(exp.tasks.names), list(change.added),
+      list(change.removed), len(change.params.restored),
+      len(change.params.initialised), change.opt_state_continued,
+      change.opt_state_initialised, change.method_states, data)
+  if is_main:
+    path = os.path.join(workdir, TASK_CHANGES_FILE)
+    history = _read_json(path, [])
+    _write_json(path, [h for h in history if h["step"] < step] + [record])
+    writers.truncate_jsonl(os.path.join(workdir, writers.JSONL_FILE), step)
+  return exp.parallel.put_state(host), data_state
+
+
+def _init_from(config: ml_collections.ConfigDict, exp: Experiment,
+               host_state: Any, sample_inputs: Any) -> tuple[Any, Any]:
+  """`host_state` with config.init_from's shared params and common heads
+  (`transfer.merge_params`), and the report for `INIT_FROM_FILE`."""
+  step, source = transfer_lib.read_params(
+      config.init_from,
+      None if config.init_from_step < 0 else config.init_from_step)
+  params, report = transfer_lib.merge_params(host_state.params, source)
+  state = initial_state(exp, sample_inputs, config.seed, params=params)
+  record = {"path": os.path.abspath(config.init_from), "step": step,
+            "restored": list(report.restored),
+            "initialised": list(report.initialised),
+            "unused": list(report.unused)}
+  logging.info(
+      "init_from %s (step %d): %d param arrays restored; initialised: %s; "
+      "not used: %s", record["path"], step, len(report.restored),
+      _prefixes(report.initialised) or "none", _prefixes(report.unused)
+      or "none")
+  return state, record
+
+
+def _prefixes(paths: Any) -> str:
+  """`tasks/sum (4 arrays), ...`: paths grouped by their first two parts."""
+  groups: dict[str, int] = {}
+  for p in paths:
+    key = "/".join(p.split("/")[:2])
+    groups[key] = groups.get(key, 0) + 1
+  return ", ".join(f"{k} ({n} arrays)" for k, n in groups.items())
 
 
 def _train(config: ml_collections.ConfigDict, exp: Experiment, state: Any,
@@ -403,22 +540,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = build_experiment(config)  # validates before anything compiles
   par = exp.parallel
   is_main = jax.process_index() == 0  # only process 0 logs and writes files
+  checkpoint_dir = os.path.join(workdir, transfer_lib.CHECKPOINT_DIR)
+  data_state = exp.train_mixture.initial_state()
+  sample, _ = exp.train_mixture.batch(data_state)
+  host_state = initial_state(exp, sample["inputs"], config.seed)
+  init_record = None
+  if config.init_from and not transfer_lib.checkpoint_steps(checkpoint_dir):
+    # Before anything is written: a bad path or a misfit fails cleanly.
+    host_state, init_record = _init_from(config, exp, host_state,
+                                         sample["inputs"])
   run_config.check_writable(workdir)
-  run_config.check_or_write(workdir, config.to_dict(), MAY_DIFFER,
-                            write=is_main)
+  run_config.check_or_write(
+      workdir, config.to_dict(),
+      MAY_DIFFER + (TASK_CHANGE_MAY_DIFFER if config.allow_task_change
+                    else ()), write=is_main)
+  if init_record is not None and is_main:
+    _write_json(os.path.join(workdir, INIT_FROM_FILE), init_record)
   logging.info("tasks %s; labelled training examples %s; unlabelled pool %d "
                "of %d", exp.tasks.names, exp.label_counts, exp.num_unlabelled,
                exp.num_train_examples)
 
-  data_state = exp.train_mixture.initial_state()
-  sample, _ = exp.train_mixture.batch(data_state)
-  state = par.put_state(initial_state(exp, sample["inputs"], config.seed))
   checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      max_to_keep=config.max_checkpoints_to_keep)
+      checkpoint_dir, max_to_keep=config.max_checkpoints_to_keep,
+      metadata={"tasks": list(exp.tasks.names)})
   try:
-    state, data_state = _restore(checkpointer, par, state, data_state,
-                                 workdir, is_main)
+    state, data_state = _restore(checkpointer, exp, host_state, data_state,
+                                 workdir, is_main, config.allow_task_change)
     state, final_eval = _train(config, exp, state, data_state, checkpointer,
                                workdir, is_main)
   finally:
@@ -434,6 +581,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "params": exp.param_counts,
       "num_train_examples": exp.num_train_examples,
       "num_unlabelled": exp.num_unlabelled,
+      "init_from": _read_json(os.path.join(workdir, INIT_FROM_FILE), None),
+      "task_changes": _read_json(os.path.join(workdir, TASK_CHANGES_FILE),
+                                 []),
   }
   if is_main:
     _write_outputs(workdir, exp, results)
@@ -452,6 +602,13 @@ def _write_outputs(workdir: str, exp: Experiment,
                       eval_keys)
   print("test metrics:", json.dumps(
       {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
+
+
+def _read_json(path: str, default: Any) -> Any:
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
 
 
 def _write_json(path: str, value: Any) -> None:

@@ -109,6 +109,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0
+  # Param groups by path pattern (fnmatch on "shared/...", "tasks/<task>/..."):
+  # frozen params (comma-separated patterns; "shared/*" = linear probe: only
+  # the heads train) and per-group learning-rate scales
+  # ("pattern=scale,...", first match wins; e.g. "shared/*=0.1" trains the
+  # trunk at a tenth of the heads' rate). A pattern matching no param is an
+  # error.
+  config.optimizer.freeze = ""
+  config.optimizer.lr_scales = ""
+
+  # Start from another run: its workdir or a checkpoint directory ("" =
+  # from scratch) and the step to take (-1: the latest). The shared params and
+  # the heads of the tasks in both runs are restored; new tasks' heads are
+  # initialised from config.seed; optimizer and method states start fresh.
+  # Used when this workdir has no checkpoint yet (a resume continues its own).
+  config.init_from = ""
+  config.init_from_step = -1
+  # Continue this workdir with another task set (tasks, pretexts, their
+  # weights and label fractions, the data mixture may change): the kept
+  # params, their optimizer state, the step and the method states of kept
+  # tasks continue; new heads start fresh. False: a changed task set is an
+  # error.
+  config.allow_task_change = False
 
   # Data parallelism: "jit" (sharded batch, default) or "pmap"; params and
   # optimizer state "replicated" or "fsdp" (sharded over the data axis, jit only).

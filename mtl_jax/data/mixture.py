@@ -571,6 +571,18 @@ class Mixture:
     return {"step": 0, "positions": {c.name: 0 for c in self.components},
             "mixture": self.fingerprint()}
 
+  def state_at(self, step: int) -> dict[str, Any]:
+    """The iterator state before batch `step` of an uninterrupted run from
+    `initial_state()` (the batches' counts are a pure function of the step),
+    e.g. to continue a run at its step after its mixture changed."""
+    positions = np.zeros(len(self.components), np.int64)
+    for s in range(int(step)):
+      positions += self.counts(s)
+    return {"step": int(step),
+            "positions": {c.name: int(p) for c, p in
+                          zip(self.components, positions)},
+            "mixture": self.fingerprint()}
+
   def check_state(self, state: Mapping[str, Any]) -> None:
     """Raises ValueError if `state` was not produced by an equal mixture."""
     if not isinstance(state, Mapping) or set(state) != {"step", "positions",

@@ -63,9 +63,13 @@ class Checkpointer:
   Args:
     directory: where the step directories live.
     max_to_keep: how many of the newest checkpoints to keep.
+    metadata: a JSON value saved with every checkpoint (item "meta"), e.g.
+      the run's task names in order, which a raw `read` cannot recover;
+      `metadata(step)` reads it back.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
+  def __init__(self, directory: str, *, max_to_keep: int = 3,
+               metadata: Any = None):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = os.path.abspath(directory)
@@ -74,6 +78,7 @@ class Checkpointer:
     # Steps newer than the one a fallback restored: unreadable, and replaced by
     # the resumed run (deleted at its next save).
     self._superseded: list[int] = []
+    self._metadata = metadata
 
   def latest_step(self) -> int | None:
     """The newest checkpoint's step (None if none).
@@ -102,6 +107,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
+    if self._metadata is not None:
+      items["meta"] = ocp.args.JsonSave(self._metadata)
     self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     if wait:
       self._manager.wait_until_finished()
@@ -196,6 +203,22 @@ class Checkpointer:
     if step is not None:
       return self._read_state(int(step))
     return self._restore_latest(self._read_state, collective=False)[1]
+
+  def read_latest(self) -> tuple[int, Any]:
+    """`(step, tree)` of the latest readable checkpoint (as `read()`).
+
+    Raises:
+      FileNotFoundError, CheckpointError: as `read`.
+    """
+    return self._restore_latest(self._read_state, collective=False)
+
+  def metadata(self, step: int) -> Any:
+    """The `metadata` saved with checkpoint `step`; None if it has none
+    (saved without, or by an older version)."""
+    if not os.path.isdir(os.path.join(self._step_dir(int(step)), "meta")):
+      return None
+    return self._manager.restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

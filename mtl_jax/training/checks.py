@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import optax
 
@@ -48,7 +48,9 @@ def check_count(name: str, value: Any, minimum: int, what: str) -> None:
 def build_optimizer(name: str, learning_rate: float, *, schedule: str,
                     total_steps: int, warmup_steps: int = 0,
                     momentum: float = 0.9, weight_decay: float = 0.0,
-                    grad_clip_norm: float = 0.0, prefix: str = ""
+                    grad_clip_norm: float = 0.0,
+                    param_groups: Sequence[tuple[str, float]] = (),
+                    prefix: str = ""
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Checks the optimizer's options and returns `(optimizer, schedule)`
   (`optim.make_schedule`, `optim.make_optimizer`).
@@ -68,7 +70,8 @@ def build_optimizer(name: str, learning_rate: float, *, schedule: str,
                                     warmup_steps=warmup_steps)
   optimizer = optim.make_optimizer(name, lr_schedule, momentum=momentum,
                                    weight_decay=weight_decay,
-                                   grad_clip_norm=grad_clip_norm)
+                                   grad_clip_norm=grad_clip_norm,
+                                   param_groups=param_groups)
   return optimizer, lr_schedule
 
 

@@ -21,6 +21,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _allowed(key: str, may_differ: Iterable[str]) -> bool:
+  return any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+             for k in may_differ)
+
+
 def check_writable(workdir: str) -> None:
   """Creates `workdir` if needed and checks that files can be written in it.
 
@@ -51,7 +56,8 @@ def check_or_write(workdir: str, config: Mapping[str, Any],
   Args:
     workdir: the run directory (created if missing).
     config: the run's config as a plain nested dict of JSON values.
-    may_differ: dotted keys that may change between the runs of one workdir.
+    may_differ: dotted keys that may change between the runs of one workdir;
+      `"a.*"` allows every key under `a`.
     write: False on all but one process of a multi-process run (they only
       check).
 
@@ -64,9 +70,8 @@ def check_or_write(workdir: str, config: Mapping[str, Any],
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
-    allowed = set(may_differ)
     diff = sorted(k for k in set(old) | set(new)
-                  if k not in allowed and old.get(k, "<absent>") !=
+                  if not _allowed(k, may_differ) and old.get(k, "<absent>") !=
                   new.get(k, "<absent>"))
     if diff:
       details = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> "

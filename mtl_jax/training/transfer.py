@@ -23,7 +23,6 @@ pattern unchanged (`optax.multi_transform` with `optax.set_to_zero`), e.g.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -32,6 +31,7 @@ import numpy as np
 import optax
 
 from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import optim
 
 TASKS = "tasks"
 # Where experiments/train.py keeps a run's checkpoints inside its workdir.
@@ -48,10 +48,8 @@ class TransferReport(NamedTuple):
 
 def _leaves(tree: Any) -> dict[str, Any]:
   """`{"a/b/c": leaf}` of a nested mapping."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-  return out
+  return {optim.path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_fits(path: str, fresh: Any, source: Any) -> None:
@@ -162,7 +160,7 @@ def read_params(path: str, step: int | None = None) -> tuple[int, Any]:
   if not os.path.isdir(directory):
     directory = path
   # Checkpointer creates its directory: only open one that holds steps.
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  steps = checkpoint_steps(directory)
   if not steps:
     raise FileNotFoundError(f"init_from path {path!r} holds no checkpoint "
                             "(neither it nor its checkpoints/ has a step)")
@@ -172,8 +170,7 @@ def read_params(path: str, step: int | None = None) -> tuple[int, Any]:
   checkpointer = checkpoint_lib.Checkpointer(directory)
   try:
     if step is None:
-      step = checkpointer.latest_step()
-      state = checkpointer.read()
+      step, state = checkpointer.read_latest()
     else:
       state = checkpointer.read(step)
   finally:
@@ -200,19 +197,21 @@ def frozen_labels(params: Any, patterns: Sequence[str]) -> Any:
     ValueError: a pattern that matches no param (a typo would otherwise
       freeze nothing, silently).
   """
-  paths = list(_leaves(params))
-  for pattern in patterns:
-    if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-      raise ValueError(f"freeze pattern {pattern!r} matches no param; "
-                       f"params: {', '.join(paths[:8])}"
-                       f"{', ...' if len(paths) > 8 else ''}")
+  check_patterns(params, patterns, "freeze pattern")
+  groups = optim.group_labels(params, [(p, 0.0) for p in patterns])
+  return jax.tree.map(
+      lambda g: "trainable" if g == optim.DEFAULT_GROUP else "frozen", groups)
 
-  def label(path, _):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    frozen = any(fnmatch.fnmatchcase(name, p) for p in patterns)
-    return "frozen" if frozen else "trainable"
 
-  return jax.tree_util.tree_map_with_path(label, params)
+def check_patterns(params: Any, patterns: Sequence[str],
+                   what: str = "pattern") -> None:
+  """Raises ValueError naming the first of `patterns` that matches no param
+  path of `params` (abstract shapes will do)."""
+  unmatched = optim.unmatched_patterns(params, patterns)
+  if unmatched:
+    paths = list(_leaves(params))
+    raise ValueError(f"{what} {unmatched[0]!r} matches no param; params: "
+                     f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}")
 
 
 def freeze(optimizer: optax.GradientTransformation, params: Any,
@@ -222,3 +221,144 @@ def freeze(optimizer: optax.GradientTransformation, params: Any,
   return optax.multi_transform(
       {"trainable": optimizer, "frozen": optax.set_to_zero()},
       frozen_labels(params, patterns))
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The step directories under `directory` (none if it does not exist);
+  creates nothing, unlike opening a `Checkpointer`."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def _match_leaves(fresh: Any, old: Any) -> tuple[Any, int, int]:
+  """`fresh` with each leaf whose path and shape `old` also has taken from
+  `old`; returns `(tree, continued, initialised)` leaf counts."""
+  old_leaves = _leaves(old) if old is not None else {}
+  counts = [0, 0]
+
+  def pick(path, leaf):
+    source = old_leaves.get(optim.path_name(path))
+    if source is not None and np.shape(source) == np.shape(leaf):
+      counts[0] += 1
+      return np.asarray(source, np.dtype(leaf.dtype))
+    counts[1] += 1
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, fresh), counts[0], counts[1]
+
+
+def _remap_tasks(fresh: Any, old: Any, old_tasks: Sequence[str],
+                 new_tasks: Sequence[str]) -> Any:
+  """A method state (`[K, ...]` leaves, `[K, K]` for pairwise ones) for
+  `new_tasks`: each kept task's rows (and columns) from `old`, the new
+  tasks' from `fresh`; a leaf without a task axis continues when its shape
+  is unchanged."""
+  old_leaves = _leaves(old) if old is not None else {}
+  k_old, k_new = len(old_tasks), len(new_tasks)
+  index = {t: i for i, t in enumerate(old_tasks)}
+  pairs = [(j, index[t]) for j, t in enumerate(new_tasks) if t in index]
+  new_idx = np.array([j for j, _ in pairs], np.int64)
+  old_idx = np.array([i for _, i in pairs], np.int64)
+
+  def pick(path, leaf):
+    source = old_leaves.get(optim.path_name(path))
+    out = np.array(leaf)
+    if source is None:
+      return out
+    source = np.asarray(source, out.dtype)
+    if (out.ndim >= 1 and source.shape[:1] == (k_old,)
+        and out.shape[:1] == (k_new,)):
+      if (out.ndim >= 2 and source.shape[:2] == (k_old, k_old)
+          and out.shape[:2] == (k_new, k_new)
+          and source.shape[2:] == out.shape[2:]):
+        out[np.ix_(new_idx, new_idx)] = source[np.ix_(old_idx, old_idx)]
+      elif source.shape[1:] == out.shape[1:]:
+        out[new_idx] = source[old_idx]
+      return out
+    return source if source.shape == out.shape else out
+
+  return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
+class Continuation(NamedTuple):
+  """What `continue_state` carried over to the new task set."""
+
+  step: int
+  added: tuple[str, ...]
+  removed: tuple[str, ...]
+  params: TransferReport
+  opt_state_continued: int  # optimizer-state leaves carried over
+  opt_state_initialised: int  # those of new params (new heads)
+  method_states: str  # "remapped by task" | "initialised (...)"
+
+  def to_json(self) -> dict[str, Any]:
+    return {"step": self.step, "added": list(self.added),
+            "removed": list(self.removed),
+            "params_restored": len(self.params.restored),
+            "params_initialised": list(self.params.initialised),
+            "params_unused": list(self.params.unused),
+            "opt_state_continued": self.opt_state_continued,
+            "opt_state_initialised": self.opt_state_initialised,
+            "method_states": self.method_states}
+
+
+def continue_state(fresh: Any, old: Mapping[str, Any],
+                   old_tasks: Sequence[str] | None,
+                   new_tasks: Sequence[str]) -> tuple[Any, Continuation]:
+  """Continues a run's train state with another task set.
+
+  Args:
+    fresh: the new task set's initial `TrainState` (host arrays), which
+      gives every new part: the heads of added tasks and their optimizer
+      state, their method-state entries and task states.
+    old: a checkpoint's state as read without a template
+      (`Checkpointer.read`): `{"step", "params", "opt_state", ...}`.
+    old_tasks: the checkpoint's task names in the run's order (the method
+      states are indexed by it); None when unknown (a checkpoint saved
+      without metadata): the method states then start afresh.
+    new_tasks: the new task set's names in order.
+
+  Returns:
+    `(state, report)`: the step counter, PRNG key, shared params, kept heads
+    and their optimizer state continue exactly; optimizer-state leaves are
+    matched by path (`.../mu/tasks/<task>/...`), so a removed task's entries
+    are dropped and an added task's start from `fresh`. The weighting's and
+    aggregator's per-task entries are remapped by task name.
+
+  Raises:
+    ValueError: as `merge_params` (a shared part or kept head that does not
+      fit).
+  """
+  params, params_report = merge_params(fresh.params, old["params"])
+  opt_state, continued, initialised = _match_leaves(fresh.opt_state,
+                                                    old.get("opt_state"))
+  task_state, _, _ = _match_leaves(fresh.task_state, old.get("task_state"))
+  if old_tasks is not None:
+    weighting_state = _remap_tasks(fresh.weighting_state,
+                                   old.get("weighting_state"), old_tasks,
+                                   new_tasks)
+    aggregation_state = _remap_tasks(fresh.aggregation_state,
+                                     old.get("aggregation_state"), old_tasks,
+                                     new_tasks)
+    method_states = "remapped by task"
+  else:
+    weighting_state, aggregation_state = (fresh.weighting_state,
+                                          fresh.aggregation_state)
+    method_states = ("initialised (the checkpoint does not record its task "
+                     "order)")
+  old_names = tuple(old_tasks) if old_tasks is not None else tuple(
+      old["params"].get(TASKS, {}))
+  state = fresh.replace(
+      step=np.asarray(old["step"], np.int32),
+      params=params, opt_state=opt_state, weighting_state=weighting_state,
+      aggregation_state=aggregation_state,
+      rng=np.asarray(old["rng"], np.dtype(fresh.rng.dtype)),
+      nonfinite_streak=np.asarray(old["nonfinite_streak"], np.int32),
+      task_state=task_state)
+  return state, Continuation(
+      step=int(old["step"]),
+      added=tuple(t for t in new_tasks if t not in old_names),
+      removed=tuple(t for t in old_names if t not in new_tasks),
+      params=params_report, opt_state_continued=continued,
+      opt_state_initialised=initialised, method_states=method_states)
