@@ -298,7 +298,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   dataset = data_build.load_dataset(d.name, data_dir=d.data_dir or None,
                                     options=dict(d.options))
   if config.tasks.strip() == NO_TASKS:
-    supervised = tasks_lib.TaskSet([])
+    supervised = tasks_lib.TaskSet([], allow_empty=True)
     if not config.pretext.names.strip():
       raise ValueError(f"config.tasks={NO_TASKS!r} trains no supervised "
                        "task: name pretexts in config.pretext.names")

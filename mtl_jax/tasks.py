@@ -185,11 +185,16 @@ def regression_task(name: str, shape: Sequence[int] = (), *, loss: str = "mse",
 
 
 class TaskSet(Sequence[Task]):
-  """An ordered, immutable set of tasks with unique names."""
+  """An ordered, immutable set of tasks with unique names.
 
-  def __init__(self, tasks: Sequence[Task]):
+  `allow_empty=True` admits no task: the supervised part of a run that trains
+  pretexts only (its data carries inputs and no labels); a model and a step
+  need at least one task.
+  """
+
+  def __init__(self, tasks: Sequence[Task], *, allow_empty: bool = False):
     tasks = tuple(tasks)
-    if not tasks:
+    if not tasks and not allow_empty:
       raise ValueError("a TaskSet needs at least one task")
     names = [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -298,6 +298,14 @@ def test_resume_is_exact(composition):
   assert np.any(start["inputs"]["id"] != got[0]["inputs"]["id"])
 
 
+@pytest.mark.parametrize("composition", mixture.COMPOSITIONS)
+def test_state_at_a_step_is_the_uninterrupted_iterators(composition):
+  it = _mixture(3, composition=composition).iterator()
+  _take(it, 9)
+  assert _mixture(3, composition=composition).state_at(9) == it.get_state()
+  assert _mixture(3).state_at(0) == _mixture(3).initial_state()
+
+
 def test_resume_on_a_different_number_of_hosts():
   reference = _mixture(4).iterator()
   _take(reference, 5)

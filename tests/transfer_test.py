@@ -9,6 +9,7 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting
 from mtl_jax.models import build
 from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import optim
 from mtl_jax.training import state as state_lib
 from mtl_jax.training import step as step_lib
 from mtl_jax.training import transfer
@@ -132,3 +133,105 @@ def test_read_params_from_a_workdir_and_named_errors(tmp_path):
   with pytest.raises(ValueError, match=r"no checkpoint at step 5; steps: "
                      r"\[3, 7\]"):
     transfer.read_params(str(tmp_path / "run"), 5)
+
+
+def _grads(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+
+
+def test_param_group_learning_rates_match_a_hand_computation():
+  _, _, params = _params(["a", "b"])
+  groups = [("shared/*", 0.1), ("tasks/b/*", 0.0), ("tasks/*", 2.0)]
+  lr = 0.05
+  g = _grads(params, 0)
+  # SGD: the update of a group is -lr * scale * g.
+  sgd = optim.make_optimizer("sgd", optax.constant_schedule(lr), momentum=0.0,
+                             param_groups=groups)
+  updates, _ = sgd.update(g, sgd.init(params), params)
+  np.testing.assert_allclose(updates["shared"]["features"]["kernel"],
+                             -lr * 0.1 * g["shared"]["features"]["kernel"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(updates["tasks"]["a"]["Dense_0"]["kernel"],
+                             -lr * 2.0 * g["tasks"]["a"]["Dense_0"]["kernel"],
+                             rtol=1e-6)
+  # Scale 0: exactly zero (frozen), with no optimizer state of its own.
+  assert not np.any(np.asarray(updates["tasks"]["b"]["Dense_0"]["kernel"]))
+  # Adam, two steps with a warm-up schedule: m, v by hand, lr(step) scaled.
+  schedule = optax.linear_schedule(0.01, 0.03, 10)
+  adam = optim.make_optimizer("adam", schedule, param_groups=groups)
+  opt_state = adam.init(params)
+  g2 = _grads(params, 1)
+  for gs in (g, g2):
+    updates, opt_state = adam.update(gs, opt_state, params)
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  x, y = g["shared"]["features"]["bias"], g2["shared"]["features"]["bias"]
+  m = (1 - b1) * (b1 * x + y) / (1 - b1 ** 2)
+  v = (1 - b2) * (b2 * x ** 2 + y ** 2) / (1 - b2 ** 2)
+  np.testing.assert_allclose(updates["shared"]["features"]["bias"],
+                             -0.1 * float(schedule(1)) * m / (np.sqrt(v) + eps),
+                             rtol=1e-4)  # float32 bias correction 1 - b2**2
+  with pytest.raises(ValueError, match=r"scale of 'shared/\*' must be a "
+                     r"number >= 0"):
+    optim.make_optimizer("sgd", optax.constant_schedule(lr),
+                         param_groups=[("shared/*", -1.0)])
+
+
+def test_continue_state_keeps_what_the_tasks_share_and_initialises_the_rest(
+    tmp_path):
+  old_tasks, model, old_params = _params(["a", "b"], seed=1)
+  new_tasks, new_model, new_params = _params(["c", "a"], seed=2)
+  method = weighting.uncertainty()
+  optimizer = optax.adam(1e-2)
+  old = state_lib.create_train_state(old_params, optimizer, method, 2,
+                                     jax.random.PRNGKey(5))
+  g = _grads(old_params, 3)
+  _, opt_state = optimizer.update(g, old.opt_state, old_params)
+  log_vars = np.array([0.25, -0.5], np.float32)  # [a, b]
+  old = old.replace(step=np.int32(12), opt_state=opt_state,
+                    weighting_state=old.weighting_state._replace(
+                        log_vars=log_vars),
+                    nonfinite_streak=np.int32(1))
+  # As a checkpoint reads back without a template: nested dicts.
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), metadata={"tasks": ["a", "b"]})
+  ckpt.save(12, old, wait=True)
+  raw = ckpt.read(12)
+  assert ckpt.metadata(12) == {"tasks": ["a", "b"]}
+  ckpt.close()
+  fresh = state_lib.create_train_state(new_params, optimizer, method, 2,
+                                       jax.random.PRNGKey(6))
+  state, report = transfer.continue_state(fresh, raw, ["a", "b"], ["c", "a"])
+  assert int(state.step) == 12 and int(state.nonfinite_streak) == 1
+  np.testing.assert_array_equal(state.rng, old.rng)
+  same = np.testing.assert_array_equal
+  jax.tree.map(same, state.params["shared"], old_params["shared"])
+  jax.tree.map(same, state.params["tasks"]["a"], old_params["tasks"]["a"])
+  jax.tree.map(same, state.params["tasks"]["c"], new_params["tasks"]["c"])
+  mu, fresh_mu = state.opt_state[0].mu, fresh.opt_state[0].mu
+  jax.tree.map(same, mu["shared"], opt_state[0].mu["shared"])
+  jax.tree.map(same, mu["tasks"]["a"], opt_state[0].mu["tasks"]["a"])
+  jax.tree.map(same, mu["tasks"]["c"], fresh_mu["tasks"]["c"])
+  assert int(state.opt_state[0].count) == 1
+  # Per-task method state follows the task: c is new, a was index 0.
+  same(state.weighting_state.log_vars,
+       [float(fresh.weighting_state.log_vars[0]), 0.25])
+  assert report.added == ("c",) and report.removed == ("b",)
+  assert report.params.unused == ("tasks/b/Dense_0/bias",
+                                  "tasks/b/Dense_0/kernel")
+  assert report.opt_state_initialised == 4  # mu, nu of c's bias and kernel
+  assert jax.tree.structure(state) == jax.tree.structure(fresh)
+  # Unknown task order: the method states start afresh.
+  state, report = transfer.continue_state(fresh, raw, None, ["c", "a"])
+  same(state.weighting_state.log_vars, fresh.weighting_state.log_vars)
+  assert report.method_states.startswith("initialised")
+  assert report.removed == ("b",)
+
+
+def test_pairwise_method_state_is_remapped_on_both_axes():
+  gram = np.arange(9, dtype=np.float32).reshape(3, 3)  # tasks x, y, z
+  fresh = {"phi": np.full((2, 2), -1, np.float32), "count": np.int32(0)}
+  out = transfer._remap_tasks(fresh, {"phi": gram, "count": np.int32(4)},
+                              ["x", "y", "z"], ["z", "new"])
+  np.testing.assert_array_equal(out["phi"], [[8, -1], [-1, -1]])
+  assert int(out["count"]) == 4
