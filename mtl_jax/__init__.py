@@ -32,7 +32,14 @@
                mtl.make_train_step, mtl.make_eval_step, mtl.accumulate,
                mtl.finalize, mtl.make_evaluate (eval over a whole stream),
                mtl.skip_nonfinite; the option checks a script runs before
-               reading data are in `training.checks`
+               reading data are in `training.checks`; optimizers with
+               param groups (per-group learning rates, frozen params):
+               mtl.make_optimizer, mtl.make_schedule
+  transfer     start from another run's params, add or drop task heads,
+               freeze by pattern, continue a state with another task set
+               (`training.transfer`, loaded on first use: it reads orbax
+               checkpoints): mtl.transfer, mtl.read_params, mtl.merge_params,
+               mtl.add_heads, mtl.drop_tasks, mtl.freeze, mtl.continue_state
   data         sources, task mixtures and evaluation streams, the embedded
                multi_digits dataset and the TFDS catalog; as the package says,
                its modules are imported explicitly
@@ -87,6 +94,8 @@ from mtl_jax.tasks import regression_task
 from mtl_jax.training import checks as _checks  # noqa: F401
 from mtl_jax.training.evaluate import make_evaluate
 from mtl_jax.training.guard import skip_nonfinite
+from mtl_jax.training.optim import make_optimizer
+from mtl_jax.training.optim import make_schedule
 from mtl_jax.training.state import TrainState
 from mtl_jax.training.state import create_train_state
 from mtl_jax.training.state import init_params
@@ -111,6 +120,13 @@ _LAZY = {
     "load_dataset": ("mtl_jax.data.build", "load_dataset"),
     "select_tasks": ("mtl_jax.data.build", "select_tasks"),
     "build_data": ("mtl_jax.data.build", "build_data"),
+    "transfer": ("mtl_jax.training.transfer", None),
+    "read_params": ("mtl_jax.training.transfer", "read_params"),
+    "merge_params": ("mtl_jax.training.transfer", "merge_params"),
+    "add_heads": ("mtl_jax.training.transfer", "add_heads"),
+    "drop_tasks": ("mtl_jax.training.transfer", "drop_tasks"),
+    "freeze": ("mtl_jax.training.transfer", "freeze"),
+    "continue_state": ("mtl_jax.training.transfer", "continue_state"),
 }
 
 
@@ -118,7 +134,8 @@ def __getattr__(name: str) -> Any:
   if name not in _LAZY:
     raise AttributeError(f"module 'mtl_jax' has no attribute {name!r}")
   module_name, attr = _LAZY[name]
-  value = getattr(importlib.import_module(module_name), attr)
+  module = importlib.import_module(module_name)
+  value = module if attr is None else getattr(module, attr)
   globals()[name] = value
   return value
 
@@ -145,8 +162,11 @@ __all__ = [
     "get_weighting",
     # Training.
     "TrainState", "accumulate", "create_train_state", "finalize",
-    "init_params", "make_eval_step", "make_evaluate", "make_train_step",
-    "skip_nonfinite",
+    "init_params", "make_eval_step", "make_evaluate", "make_optimizer",
+    "make_schedule", "make_train_step", "skip_nonfinite",
+    # Transfer (loaded on first use).
+    "add_heads", "continue_state", "drop_tasks", "freeze", "merge_params",
+    "read_params", "transfer",
     # Data (loaded on first use).
     "ArraySource", "Component", "EvalStream", "Mixture", "array_component",
     "build_data", "load_dataset", "mixing_rates", "select_tasks",

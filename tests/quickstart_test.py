@@ -111,6 +111,7 @@ def test_public_api_names():
   assert mtl.pretext.pretext_task is mtl.pretext_task
   assert mtl.pretext.cluster.cluster_task is mtl.cluster_task
   assert "grid_mask" in mtl.PRETEXTS
+  assert mtl.transfer.merge_params is mtl.merge_params
   for name in mtl.__all__:
     assert getattr(mtl, name) is not None, name
   assert set(mtl.__all__) <= set(dir(mtl))

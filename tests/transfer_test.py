@@ -235,3 +235,14 @@ def test_pairwise_method_state_is_remapped_on_both_axes():
                               ["x", "y", "z"], ["z", "new"])
   np.testing.assert_array_equal(out["phi"], [[8, -1], [-1, -1]])
   assert int(out["count"]) == 4
+
+
+def test_add_heads_keeps_the_shared_params_and_initialises_the_new_head():
+  _, _, old = _params(["a"], seed=1)
+  tasks, model, fresh = _params(["a", "b"], seed=4)
+  params, report = transfer.add_heads(model, old, X, jax.random.PRNGKey(4))
+  jax.tree.map(np.testing.assert_array_equal, params["shared"], old["shared"])
+  jax.tree.map(np.testing.assert_array_equal, params["tasks"]["b"],
+               fresh["tasks"]["b"])
+  assert report.initialised == ("tasks/b/Dense_0/bias",
+                                "tasks/b/Dense_0/kernel")

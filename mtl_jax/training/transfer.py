@@ -18,7 +18,20 @@ it from the checkpoint's tree first (`drop_tasks`) to start it afresh.
 
 `freeze(optimizer, params, patterns)` leaves the params whose path matches a
 pattern unchanged (`optax.multi_transform` with `optax.set_to_zero`), e.g.
-`freeze(tx, params, ["shared/*"])` for a linear probe.
+`freeze(tx, params, ["shared/*"])` for a linear probe; per-group learning
+rates are `optim.make_optimizer(..., param_groups=[("shared/*", 0.1)])`.
+
+`add_heads(new_model, params, x, rng)` gives a model with more (or other)
+tasks the params it shares with `params`; `continue_state` carries a whole
+train state (step, optimizer and method states) over to another task set,
+as `experiments/train.py` does with `config.allow_task_change`.
+
+From a notebook:
+
+  step, old = transfer.read_params("runs/pretrain")  # latest checkpoint
+  params, report = transfer.add_heads(model, old, x, jax.random.PRNGKey(0))
+  tx = optim.make_optimizer("adam", schedule, param_groups=[("shared/*", 0)])
+  state = create_train_state(params, tx, weighting, len(tasks), rng)
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import optax
 
 from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import optim
+from mtl_jax.training import state as state_lib
 
 TASKS = "tasks"
 # Where experiments/train.py keeps a run's checkpoints inside its workdir.
@@ -176,6 +190,16 @@ def read_params(path: str, step: int | None = None) -> tuple[int, Any]:
   finally:
     checkpointer.close()
   return int(step), jax.tree.map(np.asarray, state["params"])
+
+
+def add_heads(model: Any, params: Mapping[str, Any], sample_inputs: Any,
+              rng: jax.Array) -> tuple[dict[str, Any], TransferReport]:
+  """Params for `model`, a model of another task set (e.g. the same
+  architecture with tasks added): every part that `params` has for it, the
+  new tasks' heads initialised from `rng` (`state.init_params`); the report
+  says which is which (`merge_params`). Drop heads with `drop_tasks`."""
+  fresh = state_lib.init_params(model, sample_inputs, rng)
+  return merge_params(fresh, params)
 
 
 def drop_tasks(params: Mapping[str, Any], tasks: Sequence[str]
