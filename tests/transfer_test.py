@@ -246,3 +246,37 @@ def test_add_heads_keeps_the_shared_params_and_initialises_the_new_head():
                fresh["tasks"]["b"])
   assert report.initialised == ("tasks/b/Dense_0/bias",
                                 "tasks/b/Dense_0/kernel")
+
+
+# Which architectures can move to another task set: those whose shared
+# params do not depend on the number of tasks. Abstract params (shapes only):
+# no initialisation is compiled.
+TASK_COUNT_IN_SHARED = {"adversarial", "cross_stitch", "ple"}
+
+
+@pytest.mark.parametrize("architecture", sorted(build.ARCHITECTURES))
+def test_every_architecture_restores_its_params_and_adds_a_task(architecture):
+  images = np.zeros((2, 8, 8, 1), np.float32)
+
+  def abstract(names):
+    tasks = tasks_lib.TaskSet([tasks_lib.classification_task(n, 3)
+                               for n in names])
+    model = build.make_model(architecture, tasks, build.make_trunk(
+        "cnn", channels=(4, 4), strides=(1, 2), feature_size=8),
+                             head_hidden_sizes=())
+    return build.abstract_params(model, images)
+
+  old = abstract(["a", "b"])
+  same, report = transfer.merge_params(abstract(["a", "b"]), old)
+  assert report.initialised == () and report.unused == ()
+  assert len(report.restored) == len(jax.tree.leaves(old))
+  grown = abstract(["a", "b", "c"])
+  if architecture in TASK_COUNT_IN_SHARED:
+    with pytest.raises(ValueError, match=r"depend on the number of tasks "
+                       r"\(2 in the checkpoint, 3 in the model"):
+      transfer.merge_params(grown, old)
+  else:
+    params, report = transfer.merge_params(grown, old)
+    assert report.initialised and all(p.startswith("tasks/c/")
+                                       for p in report.initialised)
+    assert len(report.restored) == len(jax.tree.leaves(old))

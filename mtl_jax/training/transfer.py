@@ -66,9 +66,26 @@ def _leaves(tree: Any) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_fits(path: str, fresh: Any, source: Any) -> None:
+def _check_fits(path: str, fresh: Any, source: Any,
+                num_tasks: tuple[int, int] | None = None) -> None:
   fresh_shape, source_shape = np.shape(fresh), np.shape(source)
   if fresh_shape != source_shape:
+    k_new, k_old = num_tasks or (0, 0)
+    if k_new != k_old:
+      raise ValueError(
+          f"checkpoint param {path!r} has shape {source_shape}, the model's "
+          f"{fresh_shape}: the checkpoint was made with another architecture "
+          f"or other widths, or this architecture's shared params depend on "
+          f"the number of tasks ({k_old} in the checkpoint, {k_new} in the "
+          "model; cross_stitch, ple and adversarial do, so they cannot move "
+          "to another task set)")
+    raise ValueError(
+          f"checkpoint param {path!r} has shape {source_shape}, the model's "
+          f"{fresh_shape}: it depends on the number of tasks ({k_old} in the "
+          f"checkpoint, {k_new} in the model), so this architecture's shared "
+          "part cannot move to another task set (architectures whose shared "
+          "params do not depend on it, e.g. hard_sharing, soft_sharing, mmoe, "
+          "cgc, dselect_k, can)")
     raise ValueError(
         f"checkpoint param {path!r} has shape {source_shape}, the model's "
         f"{fresh_shape}: the checkpoint was made with another architecture "
@@ -116,8 +133,9 @@ def merge_params(fresh: Mapping[str, Any], source: Mapping[str, Any]
       continue
     fresh_leaves, source_leaves = _leaves(fresh_part), _leaves(source[part])
     _check_same_paths(part, fresh_leaves, source_leaves)
+    num_tasks = (len(fresh.get(TASKS, {})), len(source.get(TASKS, {})))
     for path, leaf in fresh_leaves.items():
-      _check_fits(f"{part}/{path}", leaf, source_leaves[path])
+      _check_fits(f"{part}/{path}", leaf, source_leaves[path], num_tasks)
     params[part] = jax.tree.map(lambda _, s: s, fresh_part, source[part])
     restored += [f"{part}/{p}" for p in fresh_leaves]
   for part, fresh_part in fresh.items():
