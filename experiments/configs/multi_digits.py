@@ -113,8 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   # frozen params (comma-separated patterns; "shared/*" = linear probe: only
   # the heads train) and per-group learning-rate scales
   # ("pattern=scale,...", first match wins; e.g. "shared/*=0.1" trains the
-  # trunk at a tenth of the heads' rate; "shared/Dense_1/*=1,shared/*=0"
-  # unfreezes the last trunk layer of a frozen trunk). A pattern matching no
+  # trunk at a tenth of the heads' rate; "shared/features/*=1,shared/*=0"
+  # unfreezes the last trunk layer, "features", of a frozen cnn trunk). A pattern matching no
   # param is an error.
   config.optimizer.freeze = ""
   config.optimizer.lr_scales = ""
