@@ -114,8 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the heads train) and per-group learning-rate scales
   # ("pattern=scale,...", first match wins; e.g. "shared/*=0.1" trains the
   # trunk at a tenth of the heads' rate; "shared/features/*=1,shared/*=0"
-  # unfreezes the last trunk layer, "features", of a frozen cnn trunk). A pattern matching no
-  # param is an error.
+  # freezes the cnn trunk but its last layer). A pattern matching no param
+  # is an error.
   config.optimizer.freeze = ""
   config.optimizer.lr_scales = ""
 
