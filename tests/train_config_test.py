@@ -112,6 +112,14 @@ BAD = [
      r"'mmoe' does not expose"),
     ({"pretext.names": "cluster", "pretext.cluster.bank_size": 16},
      r"config.pretext.cluster.bank_size=16 must hold at least one batch"),
+    ({"optimizer.lr_scales": "shared/*"},
+     r"config.optimizer.lr_scales: 'shared/\*' is not 'pattern=scale' with "
+     r"a scale >= 0"),
+    ({"optimizer.lr_scales": "tasks/*=0.5,shared/*=-1"},
+     r"config.optimizer.lr_scales: 'shared/\*=-1' is not 'pattern=scale'"),
+    ({"init_from_step": 3},
+     r"config.init_from_step=3 needs config.init_from"),
+    ({"init_from_step": -2}, r"config.init_from_step"),
 ]
 
 
@@ -141,6 +149,9 @@ def test_good_config_is_checked_without_data(no_data):
      r"config.task_weights names unknown task\(s\) \['colour'\]"),
     ({"data.label_fractions.colour": 0.5},
      r"config.data.label_fractions names unknown task\(s\) \['colour'\]"),
+    ({"tasks": "none"},
+     r"config.tasks='none' trains no supervised task: name pretexts in "
+     r"config.pretext.names"),
 ])
 def test_task_names_are_checked_before_any_mixture_is_built(
     small_data_dir, monkeypatch, overrides, message):
