@@ -43,3 +43,31 @@ train finetune_lr01 experiments/configs/multi_digits.py \
     '--config.optimizer.lr_scales=shared/*=0.1'
 train probe experiments/configs/multi_digits.py "${LABELS[@]}" \
     --config.init_from="$ROOT/pretrain" '--config.optimizer.freeze=shared/*'
+
+# The table of the README: test metrics of each run, from its results.json.
+"$PY" - "$ROOT" <<'PYEOF'
+import json, os, sys
+root = sys.argv[1]
+keys = ["left/accuracy", "right/accuracy", "present/f1", "sum/mae"]
+rows = ["| run | " + " | ".join(keys) + " | trunk from |",
+        "|---" * (len(keys) + 2) + "|"]
+summary = {}
+for name in ("scratch", "finetune", "finetune_lr01", "probe"):
+  with open(os.path.join(root, name, "results.json")) as f:
+    results = json.load(f)
+  summary[name] = {k: results["eval"][k] for k in keys}
+  init = results.get("init_from")
+  source = (f"pretrain step {init['step']} ({len(init['restored'])} arrays "
+            f"restored, {len(init['initialised'])} initialised, "
+            f"{len(init['unused'])} unused)") if init else "random init"
+  rows.append(f"| {name} | " + " | ".join(
+      f"{results['eval'][k]:.3f}" for k in keys) + f" | {source} |")
+with open(os.path.join(root, "pretrain", "results.json")) as f:
+  summary["pretrain"] = json.load(f)["eval"]
+with open(os.path.join(root, "summary.json"), "w") as f:
+  json.dump(summary, f, indent=2, sort_keys=True)
+with open(os.path.join(root, "summary.md"), "w") as f:
+  f.write("\n".join(rows) + "\n")
+print("\n".join(rows))
+print("wrote", os.path.join(root, "summary.md"), "and summary.json")
+PYEOF
