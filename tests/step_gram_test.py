@@ -94,6 +94,15 @@ def _run(model, agg, jacobian, batches, dim=4, **kw):
   return state, metrics
 
 
+def _trace(model, agg, jacobian, batch, dim=4, **kw):
+  """Traces one step without compiling it (the route is chosen at trace
+  time)."""
+  tx = optax.sgd(0.1)
+  step = step_lib.make_train_step(model.apply, TASKS, tx, W, aggregator=agg,
+                                  jacobian=jacobian, **kw)
+  jax.eval_shape(step, _state(model, tx, agg, dim), batch)
+
+
 def _assert_close(a, b, rtol=2e-5, atol=2e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(
       np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol,
@@ -147,12 +156,12 @@ def test_two_stage_route_is_taken_when_the_model_declares_encode_decode(
 
   monkeypatch.setattr(factored_lib, "two_stage_factors", spy)
   agg = aggregation.get_aggregator("mgda")
-  _run(_mlp(), agg, "auto", [_batch(0)], encode_decode=True)
+  _trace(_mlp(), agg, "auto", _batch(0), encode_decode=True)
   assert calls == [True]
-  _run(_mlp(), agg, "auto", [_batch(0)])
+  _trace(_mlp(), agg, "auto", _batch(0))
   assert calls == [True]  # not declared: not tried
-  _run(_twice_model(), agg, "factored", [_batch(0, dim=8)], dim=8,
-       encode_decode=True)
+  _trace(_twice_model(), agg, "factored", _batch(0, dim=8), dim=8,
+         encode_decode=True)
   assert calls == [True, False]  # tried, aux losses found: one stage
 
 
