@@ -1,0 +1,1 @@
+"""Evaluation protocols of the experiments: statistics over seeds and methods."""
