@@ -19,6 +19,7 @@ model logic of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 import ml_collections
+import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
@@ -94,6 +96,10 @@ TASK_CHANGE_MAY_DIFFER = ("tasks", "task_weights.*", "pretext.*",
 # Written to the workdir: how the run started (`init_from`) and each change of
 # its task set (`allow_task_change`); results.json repeats both.
 INIT_FROM_FILE = "init_from.json"
+# Model selection's best state (`config.select_by`), and the split name of the
+# evaluations on the validation rows.
+BEST_DIR = "best"
+VALIDATION = "validation"
 TASK_CHANGES_FILE = "task_changes.json"
 # config.tasks value for no supervised task (e.g. pre-training on pretexts).
 NO_TASKS = "none"
@@ -121,6 +127,8 @@ class Experiment:
   num_train_examples: int
   num_unlabelled: int
   parallel: parallel_lib.DataParallel
+  validation_stream: mixture_lib.EvalStream | None = None
+  validation_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def step_kwargs(self) -> dict[str, Any]:
     """`make_train_step`'s keyword arguments (but `schedule`, `axis_name`)."""
@@ -177,6 +185,19 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       max_checkpoints_to_keep=config.max_checkpoints_to_keep,
       max_nonfinite_streak=config.max_nonfinite_streak, prefix="config.")
   checks.check_count("config.seed", config.seed, 0, "a non-negative integer")
+  checks.check_number("config.data.validation_fraction",
+                      d.validation_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
+  checks.check_count("config.data.validation_seed", d.validation_seed, 0,
+                     "a non-negative integer")
+  if config.select_by and not d.validation_fraction:
+    raise ValueError(
+        f"config.select_by={config.select_by!r} selects on the validation "
+        "split: set config.data.validation_fraction > 0 (the test split "
+        "never selects)")
+  if config.select_by and config.select_by != "loss" and (
+      "/" not in config.select_by):
+    raise ValueError(f"config.select_by={config.select_by!r}: expected "
+                     "'loss' or a '<task>/<metric>' key, e.g. 'left/accuracy'")
   checks.check_count("config.init_from_step", config.init_from_step, -1,
                      "a step >= 0, or -1 for the latest")
   if config.init_from_step >= 0 and not config.init_from:
@@ -315,7 +336,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       drop_unlabelled=d.drop_unlabelled, mixing_method=d.mixture.method,
       temperature=d.mixture.temperature, rates=dict(d.mixture.rates),
       size_cap=d.mixture.size_cap, composition=d.mixture.composition,
-      fractions_field="config.data.label_fractions")
+      fractions_field="config.data.label_fractions",
+      validation_fraction=d.validation_fraction,
+      validation_seed=d.validation_seed)
   mixture = data.train_mixture
   sample = mixture.batch(mixture.initial_state())[0]["inputs"][:1]
   tasks = _with_pretexts(config, supervised, sample)
@@ -338,7 +361,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       label_counts=data.label_counts,
       param_counts=_param_counts(config, model, tasks, dataset.info, sample),
       num_train_examples=data.num_train_examples,
-      num_unlabelled=data.num_unlabelled, parallel=checked.parallel)
+      num_unlabelled=data.num_unlabelled, parallel=checked.parallel,
+      validation_stream=data.validation_stream,
+      validation_counts=data.validation_counts)
 
 
 def _with_pretexts(config: ml_collections.ConfigDict,
@@ -508,31 +533,109 @@ def _prefixes(paths: Any) -> str:
 
 def _train(config: ml_collections.ConfigDict, exp: Experiment, state: Any,
            data_state: Any, checkpointer: checkpoint_lib.Checkpointer,
-           workdir: str, is_main: bool) -> tuple[Any, dict[str, float]]:
-  """Runs the training loop to `config.num_steps`; returns the final state
-  and its eval metrics."""
+           workdir: str, is_main: bool
+           ) -> tuple[Any, dict[str, float], dict[str, Any]]:
+  """Runs the training loop to `config.num_steps`.
+
+  With a validation split, the loop's evaluations use it (model selection
+  by `config.select_by` keeps the best state in `<workdir>/best`) and the
+  test split is evaluated once, at the end, with the selected params;
+  without one, the evaluations use the test split.
+
+  Returns:
+    `(final state, test metrics, held-out record)`: the record has the last
+    validation metrics and the selection (`{}` without a validation split).
+  """
   par = exp.parallel
   train_step = compile_train_step(exp, state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
-  evaluate = evaluate_lib.make_evaluate(exp.model.apply, exp.tasks,
-                                        exp.eval_stream, parallel=par,
-                                        params_like=state.params)
+  make = functools.partial(evaluate_lib.make_evaluate, exp.model.apply,
+                           exp.tasks, parallel=par, params_like=state.params)
+  evaluate_test = make(exp.eval_stream)
+  validating = exp.validation_stream is not None
+  watched = make(exp.validation_stream) if validating else evaluate_test
+  selection = (_Selection(config.select_by, exp, workdir, par.step_of(state))
+               if config.select_by else None)
   batches = pipeline.Prefetcher(exp.train_mixture.iterator(data_state),
                                 size=config.data.prefetch,
                                 transform=par.put_batch)
   try:
-    state, final_eval = loop.train_loop(
+    state, last_eval = loop.train_loop(
         state=state, train_step=train_step, batches=batches,
         num_steps=config.num_steps, task_names=exp.tasks.names, writer=writer,
-        evaluate=evaluate, checkpointer=checkpointer, log_every=config.log_every,
+        evaluate=watched, checkpointer=checkpointer, log_every=config.log_every,
         eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-        parallel=par, max_nonfinite_streak=config.max_nonfinite_streak)
+        parallel=par, max_nonfinite_streak=config.max_nonfinite_streak,
+        eval_split=VALIDATION if validating else "eval",
+        on_eval=selection.update if selection else None)
+    if last_eval is None:  # resumed a finished run: evaluate its final state
+      last_eval = watched(state.params)
+    if not validating:
+      return state, last_eval, {}
+    record = {"validation": last_eval}
+    params = state.params
+    if selection is not None:
+      record["selection"] = selection.record
+      params = selection.best_params(state)
+    test = evaluate_test(params)  # the only test-split evaluation
+    writer.write(par.step_of(state), test, split="test")
+    return state, test, record
   finally:  # also on an error or pre-emption: stop reading, flush, wait
     batches.close()
     writer.close()
-  if final_eval is None:  # resumed a finished run: evaluate its final state
-    final_eval = evaluate(state.params)
-  return state, final_eval
+    if selection is not None:
+      selection.close()
+
+
+class _Selection:
+  """Model selection on the validation split: the state of the best
+  evaluation by `select_by` so far, kept in `<workdir>/best` with its record
+  (step, value, validation metrics) so that a resumed run continues it."""
+
+  def __init__(self, select_by: str, exp: Experiment, workdir: str,
+               start_step: int):
+    self.select_by, self.par = select_by, exp.parallel
+    self.weights = {t.name: t.weight for t in exp.tasks.supervised}
+    metric = select_by.rsplit("/", 1)[-1]
+    self.lower = metric in ("loss", "mae", "rmse", "mse")
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, BEST_DIR), max_to_keep=1)
+    self.record = None
+    step = self.checkpointer.latest_step()
+    if step is not None and step > start_step:
+      self.checkpointer.delete(step)  # a step that the resumed run redoes
+    elif step is not None:
+      self.record = self.checkpointer.data_state(step)
+
+  def _score(self, metrics: dict[str, float]) -> float:
+    if self.select_by == "loss":
+      return sum(w * metrics[f"{t}/loss"] for t, w in self.weights.items())
+    if self.select_by not in metrics:
+      raise ValueError(
+          f"config.select_by={self.select_by!r} is not a validation metric; "
+          f"valid: loss, {', '.join(sorted(k for k in metrics if not k.endswith('/count')))}")
+    return metrics[self.select_by]
+
+  def update(self, step: int, metrics: dict[str, float], state: Any) -> None:
+    value = float(self._score(metrics))
+    if not np.isfinite(value):
+      return
+    best = self.record
+    if best is None or (value < best["value"] if self.lower
+                        else value > best["value"]):
+      self.record = {"step": step, "select_by": self.select_by,
+                     "value": value, "validation": dict(metrics)}
+      self.checkpointer.save(step, self.par.for_checkpoint(state),
+                             data_state=self.record)
+
+  def best_params(self, state_like: Any) -> Any:
+    self.checkpointer.wait()
+    restored = self.checkpointer.restore(self.par.for_checkpoint(state_like),
+                                         step=self.record["step"])
+    return self.par.from_checkpoint(restored).params
+
+  def close(self) -> None:
+    self.checkpointer.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -566,8 +669,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     state, data_state = _restore(checkpointer, exp, host_state, data_state,
                                  workdir, is_main, config.allow_task_change)
-    state, final_eval = _train(config, exp, state, data_state, checkpointer,
-                               workdir, is_main)
+    state, final_eval, held_out = _train(config, exp, state, data_state,
+                                         checkpointer, workdir, is_main)
   finally:
     checkpointer.close()
 
@@ -584,7 +687,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "init_from": _read_json(os.path.join(workdir, INIT_FROM_FILE), None),
       "task_changes": _read_json(os.path.join(workdir, TASK_CHANGES_FILE),
                                  []),
+      **held_out,
   }
+  if exp.validation_stream is not None:
+    results["validation_counts"] = exp.validation_counts
   if is_main:
     _write_outputs(workdir, exp, results)
   return results
@@ -599,7 +705,8 @@ def _write_outputs(workdir: str, exp: Experiment,
                     if k.split("/")[1] in ("accuracy", "f1", "mae", "psnr"))
   writers.plot_curves(os.path.join(workdir, writers.JSONL_FILE),
                       os.path.join(workdir, "curves.png"), exp.tasks.names,
-                      eval_keys)
+                      eval_keys, eval_split=VALIDATION if
+                      exp.validation_stream is not None else "eval")
   print("test metrics:", json.dumps(
       {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
 

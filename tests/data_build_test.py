@@ -89,3 +89,47 @@ def test_evaluate_is_eval_step_accumulate_finalize(dataset):
                                err_msg=key)
   with pytest.raises(ValueError, match="no evaluation batch"):
     evaluate_lib.evaluate(eval_step, params, [], tasks)
+
+
+def test_validation_rows_are_held_out_of_training_with_their_labels(dataset):
+  tasks = dataset.tasks
+  kwargs = dict(batch_size=32, eval_batch_size=256, seed=0,
+                label_fractions=FRACTIONS)
+  full = data_build.build_data(dataset, tasks, **kwargs)
+  data = data_build.build_data(dataset, tasks, validation_fraction=0.1,
+                               validation_seed=3, **kwargs)
+  assert full.validation_stream is None and full.validation_counts == {}
+  # 10% of the labelled rows (2000 - unlabelled), rounded, leave training.
+  labelled_rows = 2000 - full.num_unlabelled
+  held = int(round(0.1 * labelled_rows))
+  assert data.validation_stream.num_examples == held
+  assert data.num_train_examples == 2000 - held
+  assert data.num_unlabelled == full.num_unlabelled
+  # Every label is in training or validation, never both.
+  for t in tasks.names:
+    assert (data.label_counts[t] + data.validation_counts[t]
+            == full.label_counts[t]), t
+  train_rows = np.concatenate([c.indices for c in
+                               data.train_mixture.components])
+  val_rows = np.concatenate([c.indices for c in
+                             data.validation_stream.components])
+  assert not set(train_rows) & set(val_rows)
+  # The held-out rows keep each task's label where training would: the
+  # masks in the validation stream count the validation labels.
+  counts = {t: 0.0 for t in tasks.names}
+  for batch in data.validation_stream:
+    for t in tasks.names:
+      counts[t] += float(np.sum(batch["masks"][t]))
+  assert counts == {t: float(n) for t, n in data.validation_counts.items()}
+  # Seeded: the same seed gives the same rows, another seed others.
+  again = data_build.build_data(dataset, tasks, validation_fraction=0.1,
+                                validation_seed=3, **kwargs)
+  other = data_build.build_data(dataset, tasks, validation_fraction=0.1,
+                                validation_seed=4, **kwargs)
+  rows = lambda d: np.concatenate([c.indices for c in
+                                   d.validation_stream.components])
+  np.testing.assert_array_equal(rows(again), val_rows)
+  assert set(rows(other)) != set(val_rows)
+  with pytest.raises(ValueError, match=r"validation fraction must be in "
+                     r"\[0, 1\), got 1.0"):
+    data_build.build_data(dataset, tasks, validation_fraction=1.0, **kwargs)

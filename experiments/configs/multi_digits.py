@@ -49,6 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
       "rates": ml_collections.ConfigDict(), "size_cap": 0,
       "composition": "sampled"})
   config.data.prefetch = 2  # batches read ahead in a background thread
+  # Validation rows held out of the labelled training rows (a seeded share
+  # of them; each task keeps its label fraction): the evaluations every
+  # eval_every steps use them and the test split is evaluated once, at the
+  # end. 0: no validation split (the evaluations use the test split).
+  config.data.validation_fraction = 0.0
+  config.data.validation_seed = 0
 
   # Comma-separated task names ("" = every task of the dataset); static loss
   # weights per task (a task not listed: 1.0).
@@ -145,6 +151,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_steps = 3000
   config.log_every = 100
   config.eval_every = 500
+  # Model selection on the validation split: "" (the last step), "loss" (the
+  # static-weighted sum of the supervised tasks' validation losses) or a
+  # "<task>/<metric>" key such as "left/accuracy" (lower is better for loss,
+  # mae, rmse, mse). The selected step's params are the ones tested.
+  config.select_by = ""
   config.checkpoint_every = 1000
   config.max_checkpoints_to_keep = 2
   # Steps with a NaN/Inf loss or update are skipped; this many in a row stop

@@ -22,10 +22,12 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import inspect
 import math
+import zlib
 from typing import Any, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.data import catalog
@@ -42,6 +44,9 @@ class DataSplits(NamedTuple):
     label_counts: `{task: labelled training examples}`.
     num_train_examples: training rows, labelled or not.
     num_unlabelled: training rows left with no label (dropped or mixed in).
+    validation_stream: the validation rows carved from the labelled training
+      rows (`validation_fraction`), None without.
+    validation_counts: `{task: labelled validation examples}` ({} without).
   """
 
   train_mixture: mixture_lib.Mixture
@@ -49,6 +54,29 @@ class DataSplits(NamedTuple):
   label_counts: dict[str, int]
   num_train_examples: int
   num_unlabelled: int
+  validation_stream: mixture_lib.EvalStream | None = None
+  validation_counts: dict[str, int] = {}
+
+
+def split_validation(component: mixture_lib.Component, fraction: float,
+                     seed: int) -> tuple[mixture_lib.Component,
+                                         mixture_lib.Component]:
+  """`(train, validation)`: a seeded `fraction` of `component`'s rows
+  (`round(fraction * rows)`, a permutation seeded by `seed` and the
+  component's name) held out, keeping their labels and label masks, so the
+  validation rows of a task are labelled where its training rows would be
+  (label fractions included)."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation fraction must be in [0, 1), got "
+                     f"{fraction!r}")
+  rows = component.indices
+  order = np.random.default_rng(
+      [seed, zlib.crc32(component.name.encode())]).permutation(len(rows))
+  held = np.zeros(len(rows), bool)
+  held[order[:int(round(fraction * len(rows)))]] = True
+  return (dataclasses.replace(component, indices=rows[~held]),
+          dataclasses.replace(component, name=component.name + "/validation",
+                              indices=rows[held]))
 
 
 def check_dataset_options(name: str, options: Mapping[str, Any]) -> None:
@@ -181,7 +209,9 @@ def build_data(dataset: catalog.Dataset, tasks: tasks_lib.TaskSet, *,
                mixing_method: str = "proportional", temperature: float = 1.0,
                rates: Mapping[str, float] | None = None, size_cap: int = 0,
                composition: str = "sampled",
-               fractions_field: str = "label_fractions") -> DataSplits:
+               fractions_field: str = "label_fractions",
+               validation_fraction: float = 0.0,
+               validation_seed: int = 0) -> DataSplits:
   """The training mixture and the eval stream of `tasks` on `dataset`.
 
   Each training component keeps its labels on `label_fractions` of its rows
@@ -203,6 +233,10 @@ def build_data(dataset: catalog.Dataset, tasks: tasks_lib.TaskSet, *,
       method and options (size_cap 0: no cap).
     composition: "sampled" or "fixed" (`mixture.Mixture`).
     fractions_field: how `label_fractions` is named in errors.
+    validation_fraction: the share of each labelled training component held
+      out as the validation stream (`split_validation`; 0: none). The
+      unlabelled pool keeps all its rows.
+    validation_seed: seed of the held-out rows.
 
   Raises:
     ValueError: an unknown task in `label_fractions`, a bad option, or no
@@ -214,6 +248,12 @@ def build_data(dataset: catalog.Dataset, tasks: tasks_lib.TaskSet, *,
   check_mixing_options(mixing_method, composition=composition,
                        temperature=temperature, size_cap=size_cap)
   labelled, unlabelled = _split_labels(dataset, tasks, fractions, label_seed)
+  validation = []
+  if validation_fraction:
+    pairs = [split_validation(c, validation_fraction, validation_seed)
+             for c in labelled]
+    labelled = [train for train, _ in pairs]
+    validation = [held for _, held in pairs if held.num_rows]
   provided = [(c, mixture_lib.labelled_tasks(c)) for c in labelled]
   label_counts = {t: sum(label_count(c, t) for c, p in provided if t in p)
                   for t in tasks.names}
@@ -237,5 +277,12 @@ def build_data(dataset: catalog.Dataset, tasks: tasks_lib.TaskSet, *,
       [mixture_lib.restrict(c, tasks.names) for c in dataset.eval], tasks,
       batch_size=eval_batch_size, **hosts)
   num_train = sum(c.num_rows for c in labelled) + num_unlabelled
+  validation_stream, validation_counts = None, {}
+  if validation:
+    validation_stream = mixture_lib.EvalStream(
+        validation, tasks, batch_size=eval_batch_size, **hosts)
+    validation_counts = {
+        t: sum(label_count(c, t) for c in validation
+               if t in mixture_lib.labelled_tasks(c)) for t in tasks.names}
   return DataSplits(train_mixture, eval_stream, label_counts, num_train,
-                    num_unlabelled)
+                    num_unlabelled, validation_stream, validation_counts)

@@ -220,6 +220,11 @@ class Checkpointer:
     return self._manager.restore(int(step), args=ocp.args.Composite(
         meta=ocp.args.JsonRestore())).meta
 
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint `step`."""
+    self._manager.wait_until_finished()
+    self._manager.delete(int(step))
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -134,6 +134,9 @@ def train_loop(*, state: TrainState,
                eval_every: int = 0, checkpoint_every: int = 0,
                parallel: DataParallel | None = None,
                max_nonfinite_streak: int = 10,
+               eval_split: str = "eval",
+               on_eval: Callable[[int, Mapping[str, float], TrainState],
+                                 None] | None = None,
                ) -> tuple[TrainState, dict[str, float] | None]:
   """Runs `train_step` from `state.step` up to `num_steps`.
 
@@ -148,7 +151,8 @@ def train_loop(*, state: TrainState,
     num_steps: the total number of steps of the run.
     task_names: task order, for per-task summaries.
     writer: where train/eval scalars go.
-    evaluate: `params -> {"<task>/<metric>": value}` on the test split.
+    evaluate: `params -> {"<task>/<metric>": value}` on the held-out split
+      the run watches (validation, or the test split without one).
     checkpointer: saves every `checkpoint_every` steps, at the end, and when
       the process gets SIGTERM (pre-emption).
     log_every, eval_every, checkpoint_every: intervals in steps (0: never,
@@ -156,6 +160,9 @@ def train_loop(*, state: TrainState,
     parallel: how `state` is placed (pmap stacks a replica per device); None
       for a plain single-device state.
     max_nonfinite_streak: consecutive skipped steps that stop the run (>= 1).
+    eval_split: the `split` of the evaluations in the writer's records.
+    on_eval: called as `on_eval(step, metrics, state)` after each evaluation
+      (e.g. to keep the best state for model selection).
 
   Returns:
     The final state and the last evaluation (None without `evaluate`).
@@ -191,7 +198,10 @@ def train_loop(*, state: TrainState,
                     flush=last or bool(log_every and done % log_every == 0))
       if evaluate is not None and (last or (eval_every and
                                             done % eval_every == 0)):
-        last_eval = _evaluate(evaluate, state.params, writer, done)
+        last_eval = _evaluate(evaluate, state.params, writer, done,
+                              eval_split)
+        if on_eval is not None:
+          on_eval(done, last_eval, state)
       if checkpointer is not None and (
           last or (checkpoint_every and done % checkpoint_every == 0)):
         save(done)
@@ -210,10 +220,11 @@ def train_loop(*, state: TrainState,
 
 
 def _evaluate(evaluate: Callable[[Any], dict[str, float]], params: Any,
-              writer: writers.MetricWriter, done: int) -> dict[str, float]:
+              writer: writers.MetricWriter, done: int, split: str
+              ) -> dict[str, float]:
   result = evaluate(params)
-  writer.write(done, result, split="eval")
-  logging.info("eval @ %d: %s", done, ", ".join(
+  writer.write(done, result, split=split)
+  logging.info("%s @ %d: %s", split, done, ", ".join(
       f"{k}={v:.4g}" for k, v in sorted(result.items())
       if not k.endswith("/count")))
   return result

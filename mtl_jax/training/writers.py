@@ -117,15 +117,18 @@ def truncate_jsonl(path: str, step: int) -> None:
 
 
 def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
-                eval_metrics: tuple[str, ...] = ()) -> None:
-  """Plots train task losses and eval metrics against the step into a PNG."""
+                eval_metrics: tuple[str, ...] = (), eval_split: str = "eval"
+                ) -> None:
+  """Plots train task losses and the `eval_split` records' metrics
+  ("validation", or "eval" for runs evaluated on the test split) against
+  the step into a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = read_jsonl(jsonl_path)
   train = [r for r in records if r["split"] == "train"]
-  evals = [r for r in records if r["split"] == "eval"]
+  evals = [r for r in records if r["split"] == eval_split]
   panels = 1 + len(eval_metrics)  # train losses, then one panel per metric
   ncols = min(panels, 3)
   nrows = -(-panels // ncols)
@@ -145,7 +148,8 @@ def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
     pts = [(r["step"], r[key]) for r in evals if key in r]
     if pts:
       ax.plot(*zip(*pts), marker="o")
-    ax.set(xlabel="step", title=f"test {key}")
+    ax.set(xlabel="step", ylabel=key,
+           title=f"{'test' if eval_split == 'eval' else eval_split} {key}")
     ax.grid(alpha=0.3)
   for ax in axes[panels:]:
     ax.axis("off")
