@@ -1,0 +1,326 @@
+r"""Sweeps a grid of runs against single-task baselines and reports Δm%.
+
+  python -m experiments.sweep --sweep=experiments/configs/sweeps/methods.py \
+      --root=runs/sweep_methods [--mode=run|commands|collect]
+
+The sweep config (an ml_collections file, see
+`experiments/configs/sweeps/methods.py`) names a base experiment config, the
+overrides common to every run, the axes of the grid and the seeds:
+
+  base        the experiment config file (`experiments/configs/...`);
+  overrides   the fields every run sets (budget, data, model), nested like
+              the experiment config (`{"data": {"data_dir": ...}}`);
+  axes        `{axis: {value name: overrides}}`; the grid is their
+              product; `method_axis` names the axis whose values are the
+              compared methods (weighting/aggregation/architecture ...);
+  seeds       the seeds (`config.seed`) of every grid point;
+  baselines   True: also train one single-task model per task (same base,
+              overrides and non-method axes; `tasks=<task>`) per seed.
+
+Runs live in `<root>/<axis=value,...>/seed<k>` and
+`<root>/single/<axis=value,...>/<task>/seed<k>` (one workdir each). Modes:
+
+  run       trains every run in turn: a finished run (results.json) is
+            skipped, an interrupted one resumes from its checkpoint; then
+            collects.
+  commands  prints one `python -m experiments.train ...` line per run not
+            yet finished (e.g. for a SLURM job array: line
+            $SLURM_ARRAY_TASK_ID), then `collect` gathers the results.
+  collect   reads the finished runs' results.json and writes, per
+            combination of the non-method axes, `summary.csv`, `summary.md`
+            and `summary.png` under `<root>`: each method's test metrics as
+            mean and 95% confidence interval over seeds, Δm% against the
+            single-task baselines (`experiments.protocols.stats`) and the
+            methods' ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import ml_collections
+
+from experiments.protocols import stats
+
+_SWEEP = config_flags.DEFINE_config_file(
+    "sweep", None, "Sweep config file (see experiments/configs/sweeps/).")
+_ROOT = flags.DEFINE_string("root", None, "Directory of the sweep's runs.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "commands", "collect"],
+                          "Train the runs, print their commands, or only "
+                          "collect the finished ones.")
+
+RESULTS = "results.json"
+SINGLE = "single"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the sweep."""
+
+  workdir: str
+  method: str  # the method axis's value name, or "single:<task>"
+  group: str  # the other axes' values, "axis=value,..." ("" without)
+  seed: int
+  overrides: dict[str, Any]  # on top of the base config
+
+  @property
+  def finished(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, RESULTS))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`{"a": {"b": 1}}` -> `{"a.b": 1}` (config overrides as nested dicts)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _group_name(values: Sequence[tuple[str, str]]) -> str:
+  return ",".join(f"{a}={v}" for a, v in values)
+
+
+def plan(sweep: ml_collections.ConfigDict, root: str,
+         task_names: Sequence[str]) -> list[Run]:
+  """Every run of the sweep, the baselines first.
+
+  Args:
+    sweep: the sweep config (module docstring).
+    root: the sweep's directory.
+    task_names: the supervised tasks (for the single-task baselines).
+
+  Raises:
+    ValueError: no method axis, an unknown `method_axis`, or an empty axis.
+  """
+  axes = {a: {name: flatten(o) for name, o in values.items()}
+          for a, values in sweep.axes.items()}
+  if sweep.method_axis not in axes:
+    raise ValueError(f"sweep.method_axis={sweep.method_axis!r} is not an "
+                     f"axis; axes: {sorted(axes)}")
+  for axis, values in axes.items():
+    if not values:
+      raise ValueError(f"sweep axis {axis!r} has no values")
+  others = [a for a in axes if a != sweep.method_axis]
+  common = flatten(sweep.overrides)
+  runs = []
+  for combo in itertools.product(*(axes[a].items() for a in others)):
+    group = _group_name([(a, name) for a, (name, _) in zip(others, combo)])
+    fixed = dict(common)
+    for _, values in combo:
+      fixed.update(values)
+    for seed in sweep.seeds:
+      if sweep.baselines:
+        for task in task_names:
+          runs.append(Run(
+              os.path.join(root, SINGLE, group or "_", task, f"seed{seed}"),
+              f"single:{task}", group, seed,
+              {**fixed, "tasks": task, "seed": seed}))
+      for name, values in axes[sweep.method_axis].items():
+        key = _group_name([(sweep.method_axis, name)])
+        runs.append(Run(
+            os.path.join(root, ",".join(p for p in (key, group) if p),
+                         f"seed{seed}"),
+            name, group, seed, {**fixed, **values, "seed": seed}))
+  return runs
+
+
+def make_config(sweep: ml_collections.ConfigDict, run: Run
+                ) -> ml_collections.ConfigDict:
+  """The run's experiment config: the base file with its overrides."""
+  config = load_config(sweep.base)
+  config.update_from_flattened_dict(run.overrides)
+  return config
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of an experiment config file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"sweep.base config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("sweep_base_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _flag_value(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(_flag_value(v) for v in value) + ("," if len(value)
+                                                           == 1 else "") + ")"
+  return str(value)
+
+
+def command(sweep: ml_collections.ConfigDict, run: Run) -> str:
+  """The shell command that trains `run` (`python -m experiments.train`)."""
+  args = [sys.executable, "-m", "experiments.train", f"--config={sweep.base}",
+          f"--workdir={run.workdir}"]
+  args += [f"--config.{k}={_flag_value(v)}" for k, v in
+           sorted(run.overrides.items())]
+  return " ".join(shlex.quote(a) for a in args)
+
+
+def run_all(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
+            train_fn: Callable[[ml_collections.ConfigDict, str], Any]
+            ) -> list[Run]:
+  """Trains the unfinished runs in order (`train_fn(config, workdir)`, e.g.
+  `experiments.train.run`, which resumes a workdir with a checkpoint);
+  returns the runs it trained."""
+  trained = []
+  todo = [r for r in runs if not r.finished]
+  logging.info("sweep: %d runs, %d finished, %d to train", len(runs),
+               len(runs) - len(todo), len(todo))
+  for i, run in enumerate(todo):
+    logging.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
+    train_fn(make_config(sweep, run), run.workdir)
+    trained.append(run)
+  return trained
+
+
+def _read(run: Run) -> dict[str, float]:
+  with open(os.path.join(run.workdir, RESULTS)) as f:
+    return json.load(f)["eval"]
+
+
+def metric_keys(results: Mapping[str, float]) -> list[str]:
+  """The task metrics of a results dict (not losses or counts)."""
+  return sorted(k for k in results
+                if k.rsplit("/", 1)[-1] not in ("loss", "count"))
+
+
+def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
+  """Summaries of the finished runs, per group; writes summary.{csv,md,png}.
+
+  Δm% of each method run is taken against the mean over seeds of the
+  single-task baselines of its group (each task's metrics from the model
+  trained on that task alone); without baselines, no Δm.
+
+  Returns:
+    `{group: stats.summarize(...)}`.
+  """
+  finished = [r for r in runs if r.finished]
+  missing = len(runs) - len(finished)
+  if missing:
+    logging.warning("sweep collect: %d of %d runs are not finished; they "
+                    "are left out", missing, len(runs))
+  out: dict[str, Any] = {}
+  lines = []
+  for group in sorted({r.group for r in runs}):
+    members = [r for r in finished if r.group == group]
+    singles = [r for r in members if r.method.startswith("single:")]
+    methods = [r for r in members if not r.method.startswith("single:")]
+    if not methods:
+      continue
+    keys = metric_keys(_read(methods[0]))
+    baselines = _baselines(singles, keys)
+    entries = [{"method": r.method, "seed": r.seed, "metrics": _read(r)}
+               for r in methods]
+    summary = stats.summarize(entries, baselines, keys)
+    out[group or "all"] = {"summary": summary, "baselines": baselines}
+    lines += [f"## {group or 'all runs'}", "",
+              stats.to_markdown(summary, keys), ""]
+    if baselines:
+      lines += ["Single-task baselines (mean over seeds): " + ", ".join(
+          f"{k} {v:.4g}" for k, v in sorted(baselines.items())), ""]
+    suffix = f"_{group}" if group else ""
+    stats.to_csv(summary, keys, os.path.join(root, f"summary{suffix}.csv"))
+    _plot(summary, keys, os.path.join(root, f"summary{suffix}.png"),
+          group or "all runs")
+  with open(os.path.join(root, "summary.md"), "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.join(root, "summary.json"), "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True, default=float)
+  return out
+
+
+def _baselines(singles: Sequence[Run], keys: Sequence[str]
+               ) -> dict[str, float] | None:
+  """`{key: mean over seeds}` of each task's single-task model."""
+  if not singles:
+    return None
+  values: dict[str, list[float]] = {}
+  for run in singles:
+    task = run.method.split(":", 1)[1]
+    for key, value in _read(run).items():
+      if key in keys and key.split("/", 1)[0] == task:
+        values.setdefault(key, []).append(value)
+  missing = sorted(set(keys) - set(values))
+  if missing:
+    raise ValueError(f"sweep collect: no finished single-task baseline for "
+                     f"{missing}")
+  return {k: sum(v) / len(v) for k, v in values.items()}
+
+
+def _plot(summary: Mapping[str, Any], keys: Sequence[str], path: str,
+          title: str) -> None:
+  """Δm% (or the first metric without baselines) per method with its 95%
+  confidence interval."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  methods = sorted(summary, key=lambda m: summary[m]["rank"])
+  use_delta = all("delta_m" in summary[m] for m in methods)
+  label = "Δm% vs single-task" if use_delta else keys[0]
+  stat = [summary[m]["delta_m"] if use_delta else
+          summary[m]["metrics"][keys[0]] for m in methods]
+  means = [s["mean"] for s in stat]
+  errors = [[s["mean"] - s["lower"] if s["lower"] == s["lower"] else 0
+             for s in stat],
+            [s["upper"] - s["mean"] if s["upper"] == s["upper"] else 0
+             for s in stat]]
+  fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.5))
+  ax.bar(range(len(methods)), means, yerr=errors, capsize=4, color="C0")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+  ax.set(ylabel=label, title=f"{title} (95% CI over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _task_names(sweep: ml_collections.ConfigDict) -> list[str]:
+  base = load_config(sweep.base)
+  base.update_from_flattened_dict(flatten(sweep.overrides))
+  names = [t.strip() for t in base.tasks.split(",") if t.strip()]
+  if not names:
+    raise ValueError("sweep: the base config must name its tasks "
+                     "(config.tasks) for the single-task baselines")
+  return names
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _SWEEP.value is None or not _ROOT.value:
+    raise app.UsageError("--sweep and --root are required")
+  sweep, root = _SWEEP.value, _ROOT.value
+  runs = plan(sweep, root, _task_names(sweep))
+  if _MODE.value == "commands":
+    for run in runs:
+      if not run.finished:
+        print(command(sweep, run))
+    return
+  if _MODE.value == "run":
+    from experiments import train  # pylint: disable=g-import-not-at-top
+    run_all(sweep, runs, train.run)
+  os.makedirs(root, exist_ok=True)
+  collect(runs, root)
+  with open(os.path.join(root, "summary.md")) as f:
+    print(f.read())
+
+
+if __name__ == "__main__":
+  app.run(main)
