@@ -13,6 +13,11 @@ overrides common to every run, the axes of the grid and the seeds:
   axes        `{axis: {value name: overrides}}`; the grid is their
               product; `method_axis` names the axis whose values are the
               compared methods (weighting/aggregation/architecture ...);
+              `tune_axis` (optional) names an axis of hyperparameters that
+              are tuned, not compared: every value is trained, and each
+              method (and baseline) at each seed is reported with the value
+              whose run reached the best validation value of
+              `overrides.select_by` (never the test split);
   seeds       the seeds (`config.seed`) of every grid point;
   baselines   True: also train one single-task model per task (same base,
               overrides and non-method axes; `tasks=<task>`) per seed.
@@ -73,6 +78,7 @@ class Run:
   group: str  # the other axes' values, "axis=value,..." ("" without)
   seed: int
   overrides: dict[str, Any]  # on top of the base config
+  tune: str = ""  # the tuning axis's value ("" without one)
 
   @property
   def finished(self) -> bool:
@@ -114,7 +120,15 @@ def plan(sweep: ml_collections.ConfigDict, root: str,
   for axis, values in axes.items():
     if not values:
       raise ValueError(f"sweep axis {axis!r} has no values")
-  others = [a for a in axes if a != sweep.method_axis]
+  tune_axis = sweep.get("tune_axis", "")
+  if tune_axis and (tune_axis not in axes or tune_axis == sweep.method_axis):
+    raise ValueError(f"sweep.tune_axis={tune_axis!r} must be an axis other "
+                     f"than the method axis; axes: {sorted(axes)}")
+  if tune_axis and not flatten(sweep.overrides).get("select_by"):
+    raise ValueError("sweep.tune_axis picks each run's value on the "
+                     "validation split: set overrides.select_by")
+  tunes = list(axes[tune_axis].items()) if tune_axis else [("", {})]
+  others = [a for a in axes if a not in (sweep.method_axis, tune_axis)]
   common = flatten(sweep.overrides)
   runs = []
   for combo in itertools.product(*(axes[a].items() for a in others)):
@@ -122,19 +136,22 @@ def plan(sweep: ml_collections.ConfigDict, root: str,
     fixed = dict(common)
     for _, values in combo:
       fixed.update(values)
-    for seed in sweep.seeds:
+    for seed, (tune, tuned) in itertools.product(sweep.seeds, tunes):
+      tune_dir = _group_name([(tune_axis, tune)]) if tune else ""
       if sweep.baselines:
         for task in task_names:
           runs.append(Run(
-              os.path.join(root, SINGLE, group or "_", task, f"seed{seed}"),
+              os.path.join(root, SINGLE, group or "_", task, tune_dir,
+                           f"seed{seed}"),
               f"single:{task}", group, seed,
-              {**fixed, "tasks": task, "seed": seed}))
+              {**fixed, **tuned, "tasks": task, "seed": seed}, tune))
       for name, values in axes[sweep.method_axis].items():
         key = _group_name([(sweep.method_axis, name)])
         runs.append(Run(
-            os.path.join(root, ",".join(p for p in (key, group) if p),
-                         f"seed{seed}"),
-            name, group, seed, {**fixed, **values, "seed": seed}))
+            os.path.join(root, ",".join(p for p in (key, tune_dir, group)
+                                        if p), f"seed{seed}"),
+            name, group, seed, {**fixed, **tuned, **values, "seed": seed},
+            tune))
   return runs
 
 
@@ -189,9 +206,32 @@ def run_all(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
   return trained
 
 
-def _read(run: Run) -> dict[str, float]:
+def _results(run: Run) -> dict[str, Any]:
   with open(os.path.join(run.workdir, RESULTS)) as f:
-    return json.load(f)["eval"]
+    return json.load(f)
+
+
+def _read(run: Run) -> dict[str, float]:
+  return _results(run)["eval"]
+
+
+def choose_tuned(runs: Sequence[Run]) -> list[Run]:
+  """One run per (method, group, seed): with a tuning axis, the value whose
+  run selected the best validation value (`results["selection"]`, the
+  direction of its `select_by`); the test split plays no part."""
+  chosen = {}
+  for run in runs:
+    key = (run.method, run.group, run.seed)
+    if not run.tune:
+      chosen[key] = run
+      continue
+    selection = _results(run)["selection"]
+    lower = stats.lower_is_better("x/" + selection["select_by"].rsplit(
+        "/", 1)[-1])
+    value = selection["value"] if lower else -selection["value"]
+    if key not in chosen or value < chosen[key][0]:
+      chosen[key] = (value, run)
+  return [v[1] if isinstance(v, tuple) else v for v in chosen.values()]
 
 
 def metric_keys(results: Mapping[str, float]) -> list[str]:
@@ -217,6 +257,7 @@ def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
                     "are left out", missing, len(runs))
   out: dict[str, Any] = {}
   lines = []
+  finished = choose_tuned(finished)
   for group in sorted({r.group for r in runs}):
     members = [r for r in finished if r.group == group]
     singles = [r for r in members if r.method.startswith("single:")]
@@ -229,6 +270,9 @@ def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
                for r in methods]
     summary = stats.summarize(entries, baselines, keys)
     out[group or "all"] = {"summary": summary, "baselines": baselines}
+    if any(r.tune for r in members):
+      out[group or "all"]["tuned"] = {
+          f"{r.method}/seed{r.seed}": r.tune for r in members}
     lines += [f"## {group or 'all runs'}", "",
               stats.to_markdown(summary, keys), ""]
     if baselines:

@@ -175,3 +175,36 @@ def test_a_tiny_sweep_end_to_end(small_data_dir, tmp_path):
       stats.delta_m(results["eval"], baselines))
   # Run again: nothing left to train.
   assert sweep_lib.run_all(sweep, runs, train.run) == []
+
+
+def test_a_tuning_axis_is_chosen_on_validation_not_on_test(tmp_path):
+  sweep = _sweep(tune_axis="lr")
+  sweep.overrides.select_by = "loss"
+  runs = sweep_lib.plan(sweep, str(tmp_path), ["left", "sum"])
+  assert len(runs) == 16  # every lr value is trained
+  assert {r.group for r in runs} == {""}
+
+  def trainer(config, workdir):
+    results = _fake_results(config)
+    # Validation prefers lr 0.01 for ew and the baselines, 0.02 for pcgrad;
+    # the test metrics (results["eval"]) always prefer 0.02.
+    prefers_b = config.aggregation.name == "pcgrad"
+    is_b = config.optimizer.learning_rate == 0.02
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"eval": results, "selection": {
+          "select_by": "loss", "value": 1.0 if is_b == prefers_b else 2.0}},
+                f)
+
+  sweep_lib.run_all(sweep, runs, trainer)
+  table = sweep_lib.collect(runs, str(tmp_path))["all"]
+  assert table["tuned"] == {
+      "ew/seed0": "a", "ew/seed1": "a", "pcgrad/seed0": "b",
+      "pcgrad/seed1": "b", "single:left/seed0": "a",
+      "single:left/seed1": "a", "single:sum/seed0": "a",
+      "single:sum/seed1": "a"}
+  ew = table["summary"]["ew"]["metrics"]["left/accuracy"]
+  assert ew["mean"] == pytest.approx(0.805)  # lr a: 0.80 + 0.01 s
+  pcgrad = table["summary"]["pcgrad"]["metrics"]["left/accuracy"]
+  assert pcgrad["mean"] == pytest.approx(0.945)  # lr b: 0.84 + 0.1 + 0.01 s
+  assert table["baselines"]["left/accuracy"] == pytest.approx(0.825)
