@@ -60,10 +60,11 @@ from experiments.protocols import stats
 
 _SWEEP = config_flags.DEFINE_config_file(
     "sweep", None, "Sweep config file (see experiments/configs/sweeps/).")
-_ROOT = flags.DEFINE_string("root", None, "Directory of the sweep's runs.")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "commands", "collect"],
-                          "Train the runs, print their commands, or only "
-                          "collect the finished ones.")
+ROOT = flags.DEFINE_string("root", None, "Directory of the sweep's runs.")
+# Shared with the protocol scripts built on the sweep (semi_supervised.py).
+MODE = flags.DEFINE_enum("mode", "run", ["run", "commands", "collect"],
+                         "Train the runs, print their commands, or only "
+                         "collect the finished ones.")
 
 RESULTS = "results.json"
 SINGLE = "single"
@@ -264,8 +265,13 @@ def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
     methods = [r for r in members if not r.method.startswith("single:")]
     if not methods:
       continue
-    keys = metric_keys(_read(methods[0]))
-    baselines = _baselines(singles, keys)
+    # The metrics every method run reports (pretext metrics only where all
+    # have the pretext).
+    keys = sorted(set.intersection(*(set(metric_keys(_read(r)))
+                                     for r in methods)))
+    planned = {r.method.split(":", 1)[1] for r in runs
+               if r.group == group and r.method.startswith("single:")}
+    baselines = _baselines(singles, keys, planned)
     entries = [{"method": r.method, "seed": r.seed, "metrics": _read(r)}
                for r in methods]
     summary = stats.summarize(entries, baselines, keys)
@@ -289,10 +295,11 @@ def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
   return out
 
 
-def _baselines(singles: Sequence[Run], keys: Sequence[str]
+def _baselines(singles: Sequence[Run], keys: Sequence[str], tasks: set[str]
                ) -> dict[str, float] | None:
-  """`{key: mean over seeds}` of each task's single-task model."""
-  if not singles:
+  """`{key: mean over seeds}` of each task's single-task model (`tasks`:
+  those the sweep plans a single-task model for)."""
+  if not tasks:
     return None
   values: dict[str, list[float]] = {}
   for run in singles:
@@ -300,7 +307,9 @@ def _baselines(singles: Sequence[Run], keys: Sequence[str]
     for key, value in _read(run).items():
       if key in keys and key.split("/", 1)[0] == task:
         values.setdefault(key, []).append(value)
-  missing = sorted(set(keys) - set(values))
+  # Every supervised task's metrics (a pretext has no single-task model).
+  missing = sorted(k for k in keys if k.split("/", 1)[0] in tasks
+                   and k not in values)
   if missing:
     raise ValueError(f"sweep collect: no finished single-task baseline for "
                      f"{missing}")
@@ -348,16 +357,16 @@ def _task_names(sweep: ml_collections.ConfigDict) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _SWEEP.value is None or not _ROOT.value:
+  if _SWEEP.value is None or not ROOT.value:
     raise app.UsageError("--sweep and --root are required")
-  sweep, root = _SWEEP.value, _ROOT.value
+  sweep, root = _SWEEP.value, ROOT.value
   runs = plan(sweep, root, _task_names(sweep))
-  if _MODE.value == "commands":
+  if MODE.value == "commands":
     for run in runs:
       if not run.finished:
         print(command(sweep, run))
     return
-  if _MODE.value == "run":
+  if MODE.value == "run":
     from experiments import train  # pylint: disable=g-import-not-at-top
     run_all(sweep, runs, train.run)
   os.makedirs(root, exist_ok=True)
