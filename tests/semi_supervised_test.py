@@ -1,10 +1,12 @@
-"""experiments/semi_supervised.py end to end on a tiny setting: both arms at
-two label fractions, the curves' points equal to the runs' test metrics."""
+"""experiments/semi_supervised.py: end to end on a tiny setting (both arms
+at one label fraction, the curve points equal to the runs' test metrics),
+and the curves over fractions and seeds from a fake trainer."""
 
 import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from experiments import semi_supervised
@@ -17,7 +19,7 @@ import train_test  # tests/train_test.py
 def test_both_arms_over_label_fractions(small_data_dir, tmp_path):
   config = default_config.get_config()
   config.tasks = "left,sum"
-  config.fractions = (0.5, 1.0)
+  config.fractions = (0.5,)
   config.seeds = (0,)
   config.tune = ml_collections.ConfigDict()
   base = train_test.tiny_config(small_data_dir)
@@ -34,15 +36,14 @@ def test_both_arms_over_label_fractions(small_data_dir, tmp_path):
   root = str(tmp_path)
   runs = sweep_lib.plan(sweep, root, [])
   assert sorted((r.method, r.group) for r in runs) == [
-      ("pretexts", "labels=100%"), ("pretexts", "labels=50%"),
-      ("supervised", "labels=100%"), ("supervised", "labels=50%")]
+      ("pretexts", "labels=50%"), ("supervised", "labels=50%")]
   sweep_lib.run_all(sweep, runs, train.run)
   curves = semi_supervised.collect(config, runs, root)
   assert set(curves) == {"left/accuracy", "sum/mae", "sum/rmse"}
   for run in runs:
     with open(os.path.join(run.workdir, "results.json")) as f:
       results = json.load(f)
-    fraction = 0.5 if run.group == "labels=50%" else 1.0
+    fraction = 0.5
     assert results["label_counts"]["left"] > 0
     # The pretext arm trains the pretexts on labelled and pool rows.
     assert ("grid_mask/psnr" in results["eval"]) == (run.method == "pretexts")
@@ -60,6 +61,39 @@ def test_both_arms_over_label_fractions(small_data_dir, tmp_path):
   with open(os.path.join(root, "semi_supervised.md")) as f:
     table = f.read()
   assert "| left/accuracy | 50% |" in table
+
+
+def test_curves_over_fractions_and_seeds(tmp_path):
+  """Fake runs: accuracy = 0.5 + fraction / 4 (+ 0.1 with pretexts) + 0.01
+  seed; per fraction and arm the mean and CI over seeds 0, 1, 2."""
+  config = default_config.get_config()
+  config.tasks = "left"
+  config.fractions = (0.1, 1.0)
+  config.tune = ml_collections.ConfigDict()
+  sweep = semi_supervised.make_sweep(config, ["left"])
+  runs = sweep_lib.plan(sweep, str(tmp_path), [])
+  assert len(runs) == 2 * 2 * 3
+
+  def trainer(cfg, workdir):
+    accuracy = (0.5 + cfg.data.label_fractions.left / 4 + 0.01 * cfg.seed
+                + (0.1 if cfg.pretext.names else 0.0))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"eval": {"left/accuracy": accuracy, "left/count": 1.0}}, f)
+
+  sweep_lib.run_all(sweep, runs, trainer)
+  curves = semi_supervised.collect(config, runs, str(tmp_path))
+  points = curves["left/accuracy"]
+  half = 4.302652729749464 * 0.01 / np.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+  for arm, extra in (("supervised", 0.0), ("pretexts", 0.1)):
+    assert [p["fraction"] for p in points[arm]] == [0.1, 1.0]
+    for p in points[arm]:
+      assert p["n"] == 3
+      assert p["mean"] == pytest.approx(0.51 + p["fraction"] / 4 + extra)
+      assert p["upper"] - p["mean"] == pytest.approx(half)
+  with open(os.path.join(str(tmp_path), "semi_supervised.md")) as f:
+    table = f.read()
+  assert f"| left/accuracy | 10% | {0.635:.4f} ± {half:.4f} | " in table
 
 
 def test_fractions_are_checked():
