@@ -208,3 +208,34 @@ def test_a_tuning_axis_is_chosen_on_validation_not_on_test(tmp_path):
   pcgrad = table["summary"]["pcgrad"]["metrics"]["left/accuracy"]
   assert pcgrad["mean"] == pytest.approx(0.945)  # lr b: 0.84 + 0.1 + 0.01 s
   assert table["baselines"]["left/accuracy"] == pytest.approx(0.825)
+
+
+def test_the_small_data_sweep_pairs_each_fraction_with_its_baselines():
+  from experiments.configs.sweeps import small_data  # pylint: disable=g-import-not-at-top
+  sweep = small_data.get_config()
+  runs = sweep_lib.plan(sweep, "root", sweep_lib._task_names(sweep))
+  # 4 fractions x 3 seeds x (4 single-task models + 1 multi-task model).
+  assert len(runs) == 60
+  for run in runs:
+    fraction = small_data.FRACTIONS[run.group.split("=")[1]]
+    assert run.overrides["data.label_fractions.left"] == fraction
+    assert run.overrides["data.validation_fraction"] == 0.1
+  assert {r.method for r in runs} == {"multi_task", "single:left",
+                                      "single:right", "single:present",
+                                      "single:sum"}
+
+
+def test_every_run_of_the_shipped_sweeps_is_a_valid_config():
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import semi_supervised  # pylint: disable=g-import-not-at-top
+  from experiments.configs.sweeps import methods, small_data  # pylint: disable=g-import-not-at-top
+  from experiments.configs.sweeps import semi_supervised as ssl_config  # pylint: disable=g-import-not-at-top
+  ssl = ssl_config.get_config()
+  sweeps = [methods.get_config(), small_data.get_config(),
+            semi_supervised.make_sweep(ssl, ssl.tasks.split(","))]
+  for sweep in sweeps:
+    tasks = sweep_lib._task_names(sweep) if sweep.baselines else []
+    for run in sweep_lib.plan(sweep, "root", tasks):
+      config = sweep_lib.make_config(sweep, run)
+      config.mesh.data = 1  # this test's 8 devices do not divide every size
+      train.check_config(config)
