@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import methods
 from experiments.configs import pretexts as pretexts_config
+from experiments.protocols import stats
 from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import weighting as weighting_lib
@@ -596,8 +597,7 @@ class _Selection:
                start_step: int):
     self.select_by, self.par = select_by, exp.parallel
     self.weights = {t.name: t.weight for t in exp.tasks.supervised}
-    metric = select_by.rsplit("/", 1)[-1]
-    self.lower = metric in ("loss", "mae", "rmse", "mse")
+    self.lower = select_by == "loss" or stats.lower_is_better(select_by)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, BEST_DIR), max_to_keep=1)
     self.record = None
