@@ -130,10 +130,12 @@ class Experiment:
   parallel: parallel_lib.DataParallel
   validation_stream: mixture_lib.EvalStream | None = None
   validation_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  gradient_cosines: bool = False
 
   def step_kwargs(self) -> dict[str, Any]:
     """`make_train_step`'s keyword arguments (but `schedule`, `axis_name`)."""
     return dict(aggregator=self.aggregator, rep_grad=self.rep_grad,
+                gradient_cosines=self.gradient_cosines,
                 chunk_size=self.chunk_size, jacobian=self.jacobian,
                 grad_norm_path=self.grad_norm_path,
                 pass_task_presence=self.pass_task_presence,
@@ -270,6 +272,7 @@ def check_config(config: ml_collections.ConfigDict) -> _Checked:
   checks.check_step_options(
       aggregator=aggregator, aggregator_name=a.name, rep_grad=a.rep_grad,
       jacobian=a.get("jacobian", "auto"), chunk_size=a.chunk_size,
+      gradient_cosines=a.get("gradient_cosines", False),
       prefix="config.aggregation.")
   if (pretexts_config.CLUSTER in pretexts_config.pretext_names(config.pretext)
       and not spec.step_kwargs(m.input_trunk)["encode_decode"]):
@@ -357,6 +360,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       schedule=checked.schedule, weighting=weighting,
       aggregator=checked.aggregator, rep_grad=a.rep_grad,
       chunk_size=a.chunk_size or None, jacobian=a.get("jacobian", "auto"),
+      gradient_cosines=a.get("gradient_cosines", False),
       **checked.architecture.step_kwargs(config.model.input_trunk),
       train_mixture=mixture, eval_stream=data.eval_stream,
       label_counts=data.label_counts,

@@ -120,6 +120,8 @@ BAD = [
     ({"init_from_step": 3},
      r"config.init_from_step=3 needs config.init_from"),
     ({"init_from_step": -2}, r"config.init_from_step"),
+    ({"aggregation.gradient_cosines": True},
+     r"config.aggregation.gradient_cosines=True: the weighted-sum step"),
 ]
 
 

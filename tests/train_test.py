@@ -339,7 +339,7 @@ def test_every_architecture_is_built_from_the_config(small_data_dir,
     assert isinstance(trunk, trunks.MLP) and trunk.hidden_sizes == (8,)
   assert exp.step_kwargs() == {
       "aggregator": None, "rep_grad": False, "chunk_size": None,
-      "jacobian": "auto", **spec.step_kwargs(input_trunk=True)}
+      "jacobian": "auto", "gradient_cosines": False, **spec.step_kwargs(input_trunk=True)}
   counts = exp.param_counts
   assert counts["total"] == counts["shared"] + sum(counts["tasks"].values())
   assert set(counts["tasks"]) == {"left", "right", "present", "sum"}

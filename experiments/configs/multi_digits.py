@@ -106,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
   # `jacobian`): "auto" (factored where cheaper: no [K, P] matrix),
   # "factored" or "full". The update is the same up to float rounding.
   config.aggregation.jacobian = "auto"
+  # Report grad_cos/<a>,<b> (the cosine of two tasks' gradients of the shared
+  # params) from the Gram matrix the aggregator forms anyway (needs an
+  # aggregator; GradDrop also jacobian="full").
+  config.aggregation.gradient_cosines = False
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd | adam | adamw

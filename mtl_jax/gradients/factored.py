@@ -83,13 +83,14 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
                                         keys.weighting)
   grads = factors.others_grads(weights)
   present = counts > 0
+  gram_matrix = None
   if aggregator.columnwise:
     shared = _columnwise_direction(spec, factors.jac, weights, present,
                                    states.aggregation, losses, counts,
                                    keys.aggregator)
     aggregation_state = states.aggregation  # columnwise: stateless
   else:
-    shared, aggregation_state = _gram_direction(
+    shared, aggregation_state, gram_matrix = _gram_direction(
         spec, factors.jac, weights, present, states.aggregation, losses,
         counts, keys.aggregator)
   shared = jax.tree.map(lambda g, p: g.astype(p.dtype), shared,
@@ -97,20 +98,22 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
   grads["shared"] = spec_lib.add_trees(shared, grads.get("shared"))
   return Gradients(grads, losses, counts, weights,
                    MethodStates(weighting_state, aggregation_state),
-                   spec.global_aux(factors.aux), factors.features)
+                   spec.global_aux(factors.aux), factors.features,
+                   gram_matrix)
 
 
 def _gram_direction(spec, jac, weights, present, state, losses, counts, key):
   """`sum_k c_k w_k grad L_k` with `c` from the aggregator's `from_gram`
   (which sees the Gram matrix of the rows `w_k grad L_k`, as on the
-  Jacobian path)."""
+  Jacobian path), the new state and that Gram matrix (of the rows scaled by
+  a common power of two)."""
   gram_matrix, scale = gram_lib.scaled_gram(jac, weights, present,
                                             spec.axis_name, spec.chunk_size)
   alpha, state = spec.aggregator.from_gram(gram_matrix, scale, state,
                                            losses=losses, counts=counts,
                                            rng=key)
   coeffs = jnp.where(present, alpha * weights, 0.0)
-  return spec.psum(gram_lib.combine(jac, coeffs)), state
+  return spec.psum(gram_lib.combine(jac, coeffs)), state, gram_matrix
 
 
 def _columnwise_direction(spec, jac, weights, present, state, losses, counts,

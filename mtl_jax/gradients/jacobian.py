@@ -36,14 +36,23 @@ def gradients(spec: GradientSpec, params: Any, batch: Batch,
                 else None)
   weights, weighting_state = spec.weigh(losses, counts, states.weighting,
                                         keys.weighting, grad_norms)
-  rows = spec_lib.scale_rows(spec.psum(per_task["shared"]), weights)
+  shared_rows = spec.psum(per_task["shared"])  # global, unweighted
+  rows = spec_lib.scale_rows(shared_rows, weights)
   direction, aggregation_state = aggregate_rows(
       spec, rows, states.aggregation, losses, counts, keys.aggregator)
   grads = others_and_aux(spec, vjp_fn, weights, denom, bool(aux))
   grads["shared"] = spec_lib.add_trees(direction, grads.get("shared"))
   return Gradients(grads, losses, counts, weights,
                    MethodStates(weighting_state, aggregation_state),
-                   spec.global_aux(aux), features)
+                   spec.global_aux(aux), features,
+                   task_gram(shared_rows))
+
+
+def task_gram(per_task: Any) -> jax.Array:
+  """`[K, K]` Gram matrix of per-task gradients (leaves `[K, ...]`)."""
+  return sum(jnp.einsum("kp,jp->kj", *(leaf.reshape(leaf.shape[0], -1),) * 2,
+                        precision=jax.lax.Precision.HIGHEST)
+             for leaf in jax.tree.leaves(per_task))
 
 
 def aggregate_rows(spec: GradientSpec, rows: Any, state: Any,

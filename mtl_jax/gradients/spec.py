@@ -60,6 +60,10 @@ class Gradients(NamedTuple):
     aux: `{name: global auxiliary loss}` (the mean over devices under pmap).
     features: this device's stop-gradient `{view: features}` that the
       clustering tasks keep (`Forward.kept_features`), else None.
+    gram: the `[K, K]` Gram matrix of the per-task gradients of the shared
+      params where the path forms one anyway (the factored path: of the
+      rows `w_k grad L_k`, up to a common scale; the Jacobian path: of the
+      unweighted gradients), else None. Unused, it costs nothing under jit.
   """
 
   grads: Any
@@ -69,6 +73,7 @@ class Gradients(NamedTuple):
   states: MethodStates
   aux: dict[str, jax.Array]
   features: Any = None
+  gram: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

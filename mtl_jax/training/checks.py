@@ -102,6 +102,7 @@ def rep_grad_aggregators() -> list[str]:
 def check_step_options(*, aggregator: Aggregator | None,
                        aggregator_name: str = "none", rep_grad: bool = False,
                        jacobian: str = "auto", chunk_size: int | None = None,
+                       gradient_cosines: bool = False,
                        prefix: str = "") -> None:
   """Checks `make_train_step`'s gradient options against the aggregator.
 
@@ -134,4 +135,5 @@ def check_step_options(*, aggregator: Aggregator | None,
         f"{aggregator_name!r}; valid: {', '.join(rep_grad_aggregators())}")
   step_lib.check_step_options(aggregator, rep_grad=rep_grad,
                               encode_decode=True,  # the architecture's check
-                              jacobian=jacobian, chunk_size=chunk_size or None)
+                              jacobian=jacobian, chunk_size=chunk_size or None,
+                              gradient_cosines=gradient_cosines, prefix=prefix)

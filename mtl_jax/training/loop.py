@@ -23,6 +23,7 @@ from mtl_jax.training import writers
 from mtl_jax.training.checkpoint import Checkpointer
 from mtl_jax.training.parallel import DataParallel
 from mtl_jax.training.state import TrainState
+from mtl_jax.training.step import COSINE_PREFIX
 
 
 def _local(value: Any) -> np.ndarray:
@@ -32,12 +33,25 @@ def _local(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
+def _mean(key: str, values: Sequence[Any]) -> float:
+  """The mean over steps; a gradient cosine over the steps where it is
+  defined (NaN where a task had no labels)."""
+  if not values:
+    return float("nan")
+  values = np.asarray(values, np.float64)
+  if key.startswith(COSINE_PREFIX):
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+  return float(values.mean())
+
+
 def summarize_train_metrics(history: Sequence[Mapping[str, Any]],
                             task_names: Sequence[str]) -> dict[str, float]:
   """Averages per-step train metrics over a logging interval.
 
   Steps skipped for a non-finite loss or update (metric "nonfinite" = 1) are
-  left out of every average and counted in "nonfinite_steps". A task's loss is
+  left out of every average and counted in "nonfinite_steps". A gradient
+  cosine (`grad_cos/...`) is averaged over the steps where it is defined. A task's loss is
   averaged over the steps in which it had labels (a step without labels
   reports loss 0, which is no measurement); its count is summed.
   """
@@ -47,8 +61,7 @@ def summarize_train_metrics(history: Sequence[Mapping[str, Any]],
   keys = [k for k in history[0].keys()
           if k not in ("nonfinite", "nonfinite_streak")
           and not k.endswith("/nonfinite")]
-  out = {k: float(np.mean([h[k] for h in kept])) if kept else float("nan")
-         for k in keys}
+  out = {k: _mean(k, [h[k] for h in kept]) for k in keys}
   for name in task_names:
     counts = np.array([h[f"{name}/count"] for h in kept])
     losses = np.array([h[f"{name}/loss"] for h in kept])

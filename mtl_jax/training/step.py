@@ -36,6 +36,7 @@ from mtl_jax.aggregation.base import Aggregator
 from mtl_jax.gradients import forward as forward_lib
 from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.pretext import views as views_lib
+from mtl_jax.relatedness import gram_cosines
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
 
@@ -88,7 +89,9 @@ def check_state_matches(state: TrainState,
 
 def check_step_options(aggregator: Aggregator | None, *, rep_grad: bool,
                        encode_decode: bool, jacobian: str,
-                       chunk_size: int | None) -> None:
+                       chunk_size: int | None,
+                       gradient_cosines: bool = False,
+                       prefix: str = "") -> None:
   """Raises a ValueError naming the option that cannot work.
 
   Called by `make_train_step`; also usable up front (before any data is
@@ -109,6 +112,19 @@ def check_step_options(aggregator: Aggregator | None, *, rep_grad: bool,
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1 (or None: all tasks in one "
                      f"vmap), got {chunk_size}")
+  if gradient_cosines:
+    why = None
+    if aggregator is None:
+      why = ("the weighted-sum step (no aggregator) never forms per-task "
+             "gradients; choose an aggregator (e.g. aggregation.name=mean) or "
+             "measure them apart (experiments/relatedness.py)")
+    elif rep_grad:
+      why = "rep_grad aggregates representation gradients, not the params'"
+    elif aggregator.columnwise and jacobian != "full":
+      why = ("a columnwise aggregator (GradDrop) forms no Gram matrix on the "
+             "factored path; use jacobian='full'")
+    if why:
+      raise ValueError(f"{prefix}gradient_cosines=True: {why}")
 
 
 def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
@@ -122,7 +138,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     grad_norm_path: Sequence[str] = DEFAULT_GRAD_NORM_PATH,
                     pass_task_presence: bool = False,
                     schedule: optax.Schedule | None = None,
-                    axis_name: str | None = None
+                    axis_name: str | None = None,
+                    gradient_cosines: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure train step.
 
@@ -159,21 +176,29 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       adversarial task discriminator).
     schedule: the learning-rate schedule, only to report `learning_rate`.
     axis_name: the `pmap` axis to reduce over; None under `jit` (sharded or not).
+    gradient_cosines: also report `grad_cos/<a>,<b>` for every pair of tasks
+      a before b: the cosine of their gradients of the shared params, from
+      the Gram matrix that the aggregator's path forms anyway (no extra
+      backward pass; NaN where a task has no labels in the batch or a zero
+      weight). Needs an aggregator, not rep_grad, and for a columnwise one
+      jacobian="full".
 
   Returns:
     `step(state, batch) -> (new_state, metrics)`, with metrics `loss` (the
     weighted objective plus auxiliary losses), `grad_norm`, `aux/<name>` for
     every auxiliary loss the model sows, `learning_rate` with a schedule, and
-    `<task>/loss`, `<task>/count`, `<task>/weight` for every task.
+    `<task>/loss`, `<task>/count`, `<task>/weight` for every task (and
+    `grad_cos/<a>,<b>` with `gradient_cosines`).
 
   Raises:
     ValueError: rep_grad without an aggregator, with one that is not valid
       on representation gradients, or without `encode_decode`; an unknown
-      jacobian mode; chunk_size < 1.
+      jacobian mode; chunk_size < 1; gradient_cosines where no Gram matrix
+      is formed.
   """
   check_step_options(aggregator, rep_grad=rep_grad,
                      encode_decode=encode_decode, jacobian=jacobian,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, gradient_cosines=gradient_cosines)
   spec = gradients.GradientSpec(
       model=gradients.Forward(apply_fn, tasks, encode_decode=encode_decode,
                               pass_task_presence=pass_task_presence),
@@ -191,6 +216,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                                          state.aggregation_state), keys)
     new_state, metrics = apply_gradients(spec, optimizer, state, batch,
                                          result, keys, schedule)
+    if gradient_cosines:
+      metrics.update(cosine_metrics(tasks.names, result.gram))
     return update_task_state(tasks, state, new_state, metrics, result, batch,
                              keys, axis_name)
 
@@ -284,6 +311,16 @@ def step_metrics(tasks: tasks_lib.TaskSet, state: TrainState,
     metrics[f"{name}/count"] = result.counts[k]
     metrics[f"{name}/weight"] = result.weights[k]
   return metrics
+
+
+COSINE_PREFIX = "grad_cos/"
+
+
+def cosine_metrics(names: Sequence[str], gram: jax.Array) -> dict[str, Any]:
+  """`{"grad_cos/<a>,<b>": cosine}` for every pair a before b in `names`."""
+  cos = gram_cosines(gram)
+  return {f"{COSINE_PREFIX}{a},{b}": cos[i, j]
+          for i, a in enumerate(names) for j, b in enumerate(names) if i < j}
 
 
 def make_eval_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet, *,
