@@ -57,11 +57,10 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 
 from experiments import semi_supervised

@@ -223,3 +223,29 @@ def test_pretraining_on_the_pretexts_only_makes_every_task_unseen(tmp_path):
   assert first[0].overrides["tasks"] == "none"
   assert not any(k.startswith("data.label_fractions") for k in
                  first[0].overrides)
+
+
+def test_arms_and_pretrain_tasks_outside_the_downstream_ones(tmp_path):
+  """finetune_lr01 starts from the pre-training run with the trunk at a
+  tenth of the rate; a pre-training task need not be fine-tuned (its head
+  is then unused, every downstream task unseen)."""
+  config = default_config.get_config()
+  config.tasks = "present,sum"
+  config.arms = ("scratch", "finetune_lr01")
+  config.fractions = (0.1,)
+  config.seeds = (3,)
+  first, second = pf.plan(config, str(tmp_path))
+  pre = first[0].overrides
+  assert pre["tasks"] == "left,right" and pre["seed"] == 3
+  assert pre["data.label_fractions.left"] == pre[
+      "data.label_fractions.right"] == 1.0
+  # No selection: fine-tuning starts from its last step.
+  assert pre["select_by"] == "" and pre["data.validation_fraction"] == 0.0
+  assert pre["num_steps"] == 1500
+  runs = {r.method: r.overrides for r in second}
+  assert runs["finetune_lr01"]["init_from"] == pf.pretrain_dir(
+      str(tmp_path), 3) == first[0].workdir
+  assert runs["finetune_lr01"]["optimizer.lr_scales"] == "shared/*=0.1"
+  assert "init_from" not in runs["scratch"]
+  assert runs["scratch"]["data.label_fractions.present"] == 0.1
+  assert runs["scratch"]["tasks"] == "present,sum"
