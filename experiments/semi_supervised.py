@@ -158,16 +158,9 @@ def main(argv):
   config, root = _PROTOCOL.value, sweep_lib.ROOT.value
   sweep = make_sweep(config, config.tasks.split(","))
   runs = sweep_lib.plan(sweep, root, [])
-  if sweep_lib.MODE.value == "commands":
-    for run in runs:
-      if not run.finished:
-        print(sweep_lib.command(sweep, run))
-    return
-  if sweep_lib.MODE.value == "run":
-    from experiments import train  # pylint: disable=g-import-not-at-top
-    sweep_lib.run_all(sweep, runs, train.run)
-  os.makedirs(root, exist_ok=True)
-  collect(config, runs, root)
+  if sweep_lib.dispatch(sweep, runs, lambda r, d: collect(config, r, d),
+                        root=root) is None:
+    return  # --mode=commands
   with open(os.path.join(root, "semi_supervised.md")) as f:
     print(f.read())
   print("wrote", os.path.join(root, "semi_supervised.png"))

@@ -1,4 +1,5 @@
-r"""Sweeps a grid of runs against single-task baselines and reports Δm%.
+r"""Sweeps a grid of runs against single-task baselines (or a reference
+method) and reports Δm%.
 
   python -m experiments.sweep --sweep=experiments/configs/sweeps/methods.py \
       --root=runs/sweep_methods [--mode=run|commands|collect]
@@ -20,7 +21,15 @@ overrides common to every run, the axes of the grid and the seeds:
               `overrides.select_by` (never the test split);
   seeds       the seeds (`config.seed`) of every grid point;
   baselines   True: also train one single-task model per task (same base,
-              overrides and non-method axes; `tasks=<task>`) per seed.
+              overrides and non-method axes; `tasks=<task>`) per seed;
+  reference   (optional, "" = none) a value of the method axis: Δm% of
+              every method is taken against that method's mean over seeds
+              in the same group instead of against single-task baselines
+              (e.g. "supervised only" against its pretext variants). The
+              reference stays in the table: its own Δm% has mean 0 (Δm is
+              linear in the metrics) and its CI shows its seed spread, the
+              yardstick for the others' intervals. Exclusive with
+              `baselines=True` (one yardstick per table: a ValueError).
 
 Runs live in `<root>/<axis=value,...>/seed<k>` and
 `<root>/single/<axis=value,...>/<task>/seed<k>` (one workdir each). Modes:
@@ -35,8 +44,12 @@ Runs live in `<root>/<axis=value,...>/seed<k>` and
             combination of the non-method axes, `summary.csv`, `summary.md`
             and `summary.png` under `<root>`: each method's test metrics as
             mean and 95% confidence interval over seeds, Δm% against the
-            single-task baselines (`experiments.protocols.stats`) and the
-            methods' ranks.
+            single-task baselines or the reference
+            (`experiments.protocols.stats`) and the methods' ranks.
+
+Protocol scripts built on the sweep (`semi_supervised.py`, `grid_cells.py`)
+plan their runs and hand them to `dispatch`, which does the mode's work and
+calls their own collect.
 """
 
 from __future__ import annotations
@@ -128,6 +141,7 @@ def plan(sweep: ml_collections.ConfigDict, root: str,
   if tune_axis and not flatten(sweep.overrides).get("select_by"):
     raise ValueError("sweep.tune_axis picks each run's value on the "
                      "validation split: set overrides.select_by")
+  check_reference(sweep)
   tunes = list(axes[tune_axis].items()) if tune_axis else [("", {})]
   others = [a for a in axes if a not in (sweep.method_axis, tune_axis)]
   common = flatten(sweep.overrides)
@@ -154,6 +168,27 @@ def plan(sweep: ml_collections.ConfigDict, root: str,
             name, group, seed, {**fixed, **tuned, **values, "seed": seed},
             tune))
   return runs
+
+
+def check_reference(sweep: ml_collections.ConfigDict) -> str:
+  """`sweep.reference` ("" without one), checked.
+
+  Raises:
+    ValueError: a reference that is no value of the method axis, or a
+      reference together with `baselines=True`.
+  """
+  reference = sweep.get("reference", "") or ""
+  if not reference:
+    return ""
+  values = sorted(sweep.axes[sweep.method_axis].keys())
+  if reference not in values:
+    raise ValueError(f"sweep.reference={reference!r} is not a value of the "
+                     f"method axis {sweep.method_axis!r}; values: {values}")
+  if sweep.baselines:
+    raise ValueError(f"sweep.reference={reference!r} and sweep.baselines="
+                     "True: Δm% is taken against one of them; set "
+                     "baselines=False (or drop the reference)")
+  return reference
 
 
 def make_config(sweep: ml_collections.ConfigDict, run: Run
@@ -241,16 +276,34 @@ def metric_keys(results: Mapping[str, float]) -> list[str]:
                 if k.rsplit("/", 1)[-1] not in ("loss", "count"))
 
 
-def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
+def collect(runs: Sequence[Run], root: str, reference: str = ""
+            ) -> dict[str, Any]:
   """Summaries of the finished runs, per group; writes summary.{csv,md,png}.
 
   Δm% of each method run is taken against the mean over seeds of the
   single-task baselines of its group (each task's metrics from the model
-  trained on that task alone); without baselines, no Δm.
+  trained on that task alone); with a `reference` method, against the
+  reference's mean over seeds in the group, over the supervised tasks'
+  metrics that every method reports (a run's supervised tasks: the keys of
+  its results.json `label_counts`; pretext metrics are not in Δm, as with
+  single-task baselines); with neither, no Δm.
+
+  Args:
+    runs: the sweep's runs (`plan`); unfinished ones are left out.
+    root: where the summaries go.
+    reference: a method name of `runs` ("" = single-task baselines).
 
   Returns:
-    `{group: stats.summarize(...)}`.
+    `{group: {"summary": stats.summarize(...), "baselines": {key: value} or
+    None, ["reference": name], ["tuned": ...]}}`.
+
+  Raises:
+    ValueError: a reference no run has, or a group without a finished run
+      of the reference (or of a planned single-task baseline).
   """
+  if reference and reference not in {r.method for r in runs}:
+    raise ValueError(f"sweep collect: reference {reference!r} is not a "
+                     f"method of the runs: {sorted({r.method for r in runs})}")
   finished = [r for r in runs if r.finished]
   missing = len(runs) - len(finished)
   if missing:
@@ -271,23 +324,31 @@ def collect(runs: Sequence[Run], root: str) -> dict[str, Any]:
                                      for r in methods)))
     planned = {r.method.split(":", 1)[1] for r in runs
                if r.group == group and r.method.startswith("single:")}
-    baselines = _baselines(singles, keys, planned)
+    if reference:
+      baselines = _reference_means(methods, keys, reference, group)
+    else:
+      baselines = _baselines(singles, keys, planned)
     entries = [{"method": r.method, "seed": r.seed, "metrics": _read(r)}
                for r in methods]
     summary = stats.summarize(entries, baselines, keys)
     out[group or "all"] = {"summary": summary, "baselines": baselines}
+    if reference:
+      out[group or "all"]["reference"] = reference
     if any(r.tune for r in members):
       out[group or "all"]["tuned"] = {
           f"{r.method}/seed{r.seed}": r.tune for r in members}
     lines += [f"## {group or 'all runs'}", "",
               stats.to_markdown(summary, keys), ""]
     if baselines:
-      lines += ["Single-task baselines (mean over seeds): " + ", ".join(
+      what = (f"Reference {reference!r} (mean over seeds; Δm% against it)"
+              if reference else "Single-task baselines (mean over seeds)")
+      lines += [f"{what}: " + ", ".join(
           f"{k} {v:.4g}" for k, v in sorted(baselines.items())), ""]
     suffix = f"_{group}" if group else ""
     stats.to_csv(summary, keys, os.path.join(root, f"summary{suffix}.csv"))
     _plot(summary, keys, os.path.join(root, f"summary{suffix}.png"),
-          group or "all runs")
+          group or "all runs",
+          f"Δm% vs {reference}" if reference else "Δm% vs single-task")
   with open(os.path.join(root, "summary.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(root, "summary.json"), "w") as f:
@@ -316,8 +377,29 @@ def _baselines(singles: Sequence[Run], keys: Sequence[str], tasks: set[str]
   return {k: sum(v) / len(v) for k, v in values.items()}
 
 
+def _reference_means(methods: Sequence[Run], keys: Sequence[str],
+                     reference: str, group: str) -> dict[str, float]:
+  """`{key: mean over seeds}` of the reference method's runs in a group,
+  over the supervised tasks' keys (results.json's `label_counts`; all of
+  `keys` for results without it)."""
+  runs = [r for r in methods if r.method == reference]
+  if not runs:
+    raise ValueError(f"sweep collect: no finished run of the reference "
+                     f"{reference!r} in group {group or 'all'!r}")
+  results = [_results(r) for r in runs]
+  supervised = [k for k in keys if all(
+      "label_counts" not in res or k.split("/", 1)[0] in res["label_counts"]
+      for res in results)]
+  if not supervised:
+    raise ValueError(f"sweep collect: the reference {reference!r} shares no "
+                     f"supervised task metric with the other methods "
+                     f"(common metrics: {list(keys)})")
+  return {k: sum(res["eval"][k] for res in results) / len(results)
+          for k in supervised}
+
+
 def _plot(summary: Mapping[str, Any], keys: Sequence[str], path: str,
-          title: str) -> None:
+          title: str, delta_label: str = "Δm% vs single-task") -> None:
   """Δm% (or the first metric without baselines) per method with its 95%
   confidence interval."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -326,7 +408,7 @@ def _plot(summary: Mapping[str, Any], keys: Sequence[str], path: str,
 
   methods = sorted(summary, key=lambda m: summary[m]["rank"])
   use_delta = all("delta_m" in summary[m] for m in methods)
-  label = "Δm% vs single-task" if use_delta else keys[0]
+  label = delta_label if use_delta else keys[0]
   stat = [summary[m]["delta_m"] if use_delta else
           summary[m]["metrics"][keys[0]] for m in methods]
   means = [s["mean"] for s in stat]
@@ -354,6 +436,45 @@ def _task_names(sweep: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
+def dispatch(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
+             collect_fn: Callable[[Sequence[Run], str], Any], *,
+             root: str | None = None, mode: str | None = None,
+             train_fn: Callable[[ml_collections.ConfigDict, str], Any]
+             | None = None) -> Any:
+  """Does the mode's work on the planned runs (module docstring).
+
+  Args:
+    sweep: the sweep config the runs were planned from.
+    runs: `plan(sweep, ...)`.
+    collect_fn: `(runs, root) -> result`, the protocol's collect.
+    root: the sweep's directory (default: `--root`).
+    mode: run | commands | collect (default: `--mode`).
+    train_fn: `(config, workdir)`, the trainer (default:
+      `experiments.train.run`).
+
+  Returns:
+    `collect_fn`'s result; None in the commands mode (which prints one
+    command per unfinished run and collects nothing).
+  """
+  root = ROOT.value if root is None else root
+  mode = MODE.value if mode is None else mode
+  if mode not in ("run", "commands", "collect"):
+    raise ValueError(f"sweep mode {mode!r}: valid modes are run, commands, "
+                     "collect")
+  if mode == "commands":
+    for run in runs:
+      if not run.finished:
+        print(command(sweep, run))
+    return None
+  if mode == "run":
+    if train_fn is None:
+      from experiments import train  # pylint: disable=g-import-not-at-top
+      train_fn = train.run
+    run_all(sweep, runs, train_fn)
+  os.makedirs(root, exist_ok=True)
+  return collect_fn(runs, root)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -361,16 +482,10 @@ def main(argv):
     raise app.UsageError("--sweep and --root are required")
   sweep, root = _SWEEP.value, ROOT.value
   runs = plan(sweep, root, _task_names(sweep))
-  if MODE.value == "commands":
-    for run in runs:
-      if not run.finished:
-        print(command(sweep, run))
+  reference = check_reference(sweep)
+  if dispatch(sweep, runs, lambda r, d: collect(r, d, reference),
+              root=root) is None:
     return
-  if MODE.value == "run":
-    from experiments import train  # pylint: disable=g-import-not-at-top
-    run_all(sweep, runs, train.run)
-  os.makedirs(root, exist_ok=True)
-  collect(runs, root)
   with open(os.path.join(root, "summary.md")) as f:
     print(f.read())
 

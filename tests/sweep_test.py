@@ -214,8 +214,8 @@ def test_the_small_data_sweep_pairs_each_fraction_with_its_baselines():
   from experiments.configs.sweeps import small_data  # pylint: disable=g-import-not-at-top
   sweep = small_data.get_config()
   runs = sweep_lib.plan(sweep, "root", sweep_lib._task_names(sweep))
-  # 4 fractions x 3 seeds x (4 single-task models + 1 multi-task model).
-  assert len(runs) == 60
+  # Fractions x 3 seeds x (4 single-task models + 1 multi-task model).
+  assert len(runs) == len(small_data.FRACTIONS) * 3 * 5
   for run in runs:
     fraction = small_data.FRACTIONS[run.group.split("=")[1]]
     assert run.overrides["data.label_fractions.left"] == fraction
@@ -237,3 +237,101 @@ def test_every_run_of_the_shipped_sweeps_is_a_valid_config():
     tasks = sweep_lib._task_names(sweep) if sweep.baselines else []
     for run in sweep_lib.plan(sweep, "root", tasks):
       train.check_config(sweep_lib.make_config(sweep, run))
+
+
+def _reference_sweep(**extra):
+  sweep = _sweep(baselines=False, reference="ew")
+  sweep.update(extra)
+  return sweep
+
+
+def test_reference_mode_takes_delta_m_against_the_reference_mean(tmp_path):
+  sweep = _reference_sweep()
+  root = str(tmp_path)
+  runs = sweep_lib.plan(sweep, root, [])
+  assert {r.method for r in runs} == {"ew", "pcgrad"}  # no single-task runs
+
+  def trainer(config, workdir):
+    # Every method reports a pretext metric; results.json's label_counts
+    # name the supervised tasks, so it stays out of Δm.
+    results = _fake_results(config)
+    results["grid_mask/psnr"] = 20.0 + config.seed
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"eval": results, "label_counts": {"left": 5, "sum": 5}}, f)
+
+  sweep_lib.run_all(sweep, runs, trainer)
+  table = sweep_lib.collect(runs, root, reference="ew")
+  group = table["lr=a"]
+  assert group["reference"] == "ew"
+  # ew at lr a, seed s: accuracy 0.80 + 0.01 s, MAE 1.20 - 0.01 s.
+  assert group["baselines"] == pytest.approx(
+      {"left/accuracy": 0.805, "sum/mae": 1.195})
+  per_seed = [100 / 2 * ((0.84 + 0.01 * s - 0.805) / 0.805
+                         + (1.195 - (1.16 - 0.01 * s)) / 1.195)
+              for s in (0, 1)]
+  got = group["summary"]["pcgrad"]["delta_m"]
+  assert (got["mean"], got["lower"], got["upper"]) == pytest.approx(
+      stats.mean_ci(per_seed))
+  assert got["mean"] == pytest.approx(4.1581, abs=1e-4)
+  # The reference is listed: mean 0, its CI its own seed spread.
+  own = [100 / 2 * ((0.80 + 0.01 * s - 0.805) / 0.805
+                    + (1.195 - (1.20 - 0.01 * s)) / 1.195) for s in (0, 1)]
+  ref = group["summary"]["ew"]["delta_m"]
+  assert ref["mean"] == pytest.approx(0.0, abs=1e-12)
+  assert (ref["lower"], ref["upper"]) == pytest.approx(
+      stats.mean_ci(own)[1:])
+  assert "grid_mask/psnr" in group["summary"]["ew"]["metrics"]
+  # Group lr=b has its own reference (ew at lr b: + 0.1 accuracy).
+  assert table["lr=b"]["baselines"]["left/accuracy"] == pytest.approx(0.905)
+  with open(os.path.join(root, "summary.md")) as f:
+    assert "Reference 'ew' (mean over seeds; Δm% against it)" in f.read()
+
+
+def test_reference_errors_name_the_problem(tmp_path):
+  with pytest.raises(ValueError, match=r"sweep.reference='uw' is not a value "
+                     r"of the method axis 'method'; values: \['ew', "
+                     r"'pcgrad'\]"):
+    sweep_lib.plan(_reference_sweep(reference="uw"), str(tmp_path), [])
+  with pytest.raises(ValueError, match=r"sweep.reference='ew' and "
+                     r"sweep.baselines=True"):
+    sweep_lib.plan(_reference_sweep(baselines=True), str(tmp_path),
+                   ["left", "sum"])
+  sweep = _reference_sweep()
+  runs = sweep_lib.plan(sweep, str(tmp_path), [])
+  with pytest.raises(ValueError, match=r"reference 'uw' is not a method of "
+                     r"the runs"):
+    sweep_lib.collect(runs, str(tmp_path), reference="uw")
+  sweep_lib.run_all(sweep, [r for r in runs if r.method != "ew"
+                            or r.group != "lr=b"], _Trainer())
+  with pytest.raises(ValueError, match=r"no finished run of the reference "
+                     r"'ew' in group 'lr=b'"):
+    sweep_lib.collect(runs, str(tmp_path), reference="ew")
+
+
+def test_dispatch_runs_prints_or_collects(tmp_path, capsys):
+  sweep = _sweep()
+  root = str(tmp_path / "root")
+  runs = sweep_lib.plan(sweep, root, ["left", "sum"])
+  collected = []
+
+  def collect_fn(r, d):
+    collected.append((len(r), d))
+    return "table"
+
+  trainer = _Trainer()
+  sweep_lib.run_all(sweep, runs[:1], trainer)
+  assert sweep_lib.dispatch(sweep, runs, collect_fn, root=root,
+                            mode="commands") is None
+  lines = capsys.readouterr().out.splitlines()
+  assert lines == [sweep_lib.command(sweep, r) for r in runs[1:]]
+  assert not collected
+  assert sweep_lib.dispatch(sweep, runs, collect_fn, root=root,
+                            mode="collect", train_fn=trainer) == "table"
+  assert len(trainer.calls) == 1  # collect trains nothing
+  assert sweep_lib.dispatch(sweep, runs, collect_fn, root=root, mode="run",
+                            train_fn=trainer) == "table"
+  assert trainer.calls == [r.workdir for r in runs]
+  assert collected == [(len(runs), root)] * 2
+  with pytest.raises(ValueError, match="sweep mode 'train'"):
+    sweep_lib.dispatch(sweep, runs, collect_fn, root=root, mode="train")
