@@ -1,7 +1,7 @@
 """How related tasks are: gradient cosines and lookahead affinities.
 
-Two measures that the relatedness protocol (`experiments/relatedness.py`,
-in progress) averages over training:
+Two measures that the relatedness protocol (`experiments/relatedness.py`)
+averages over training:
 
 * **Gradient cosine** of tasks i and j on the shared params,
   `cos_ij = G_ij / sqrt(G_ii G_jj)` from the Gram matrix `G = J J^T` of the
@@ -68,8 +68,11 @@ def lookahead_affinity(task_losses: Callable[[Any], jax.Array], params: Any,
     return task_losses({**params, shared: stepped})
 
   post = jax.vmap(after)(jnp.arange(base.shape[0]))  # [K, K]
-  return jnp.where(base[None, :] > 0,
-                   1.0 - post / jnp.where(base[None, :] > 0, base[None, :],
+  # An absent task (0 loss) has no step to take (its row) and no loss to
+  # change (its column): NaN for both, not a spurious 0 row.
+  present = base > 0
+  return jnp.where(present[:, None] & present[None, :],
+                   1.0 - post / jnp.where(present[None, :], base[None, :],
                                           1.0), jnp.nan)
 
 
