@@ -52,7 +52,8 @@ number of groups (`max_groups`) and the seeds of the check. Three stages:
      "grouped" against "all-in-one" of the same seed (`stats.delta_m`,
      lower-is-better metrics counted negatively) with its CI over seeds.
 
-Modes (`--mode`, shared with `experiments/sweep.py`, as is `--root`):
+Modes (`--mode`, shared with `experiments/sweep.py`, as are `--root` and
+`--protocol`, whose default here is the config above):
 
   run       trains the reference run, measures, trains the check runs (a
             finished run is skipped, an interrupted one resumes), collects.
@@ -63,7 +64,9 @@ Modes (`--mode`, shared with `experiments/sweep.py`, as is `--root`):
   collect   measures the finished reference run (or reuses its
             relatedness.json) and collects the finished check runs.
 
-Change the number of groups with `--protocol.max_groups=3`.
+Change a field of the protocol on the command line with the file named,
+e.g. `--protocol=experiments/configs/sweeps/relatedness.py
+--protocol.max_groups=3`.
 """
 
 from __future__ import annotations
@@ -79,7 +82,6 @@ from absl import app
 from absl import logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import ml_collections
 import numpy as np
 
@@ -90,9 +92,9 @@ from mtl_jax import relatedness as relatedness_lib
 from mtl_jax.gradients import forward as forward_lib
 from mtl_jax.training import checkpoint as checkpoint_lib
 
-_PROTOCOL = config_flags.DEFINE_config_file(
-    "protocol", "experiments/configs/sweeps/relatedness.py",
-    "The protocol's config (tasks, budget, measurement, groups, seeds).")
+# The default of --protocol (`sweep_lib.PROTOCOL`, the flag the protocol
+# scripts share).
+DEFAULT_PROTOCOL = "experiments/configs/sweeps/relatedness.py"
 
 SHARED = "shared"
 REFERENCE = "reference"
@@ -800,7 +802,8 @@ def main(argv):
   root = sweep_lib.ROOT.value
   logging.get_absl_handler().addFilter(
       lambda record: "orbax" not in record.pathname)
-  out = run_protocol(_PROTOCOL.value, root, sweep_lib.MODE.value)
+  out = run_protocol(sweep_lib.protocol_config(DEFAULT_PROTOCOL), root,
+                     sweep_lib.MODE.value)
   for line in out["commands"]:
     print(line)
   if sweep_lib.MODE.value == "commands":
