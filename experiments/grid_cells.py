@@ -63,10 +63,6 @@ QUALITY_FILE = "grid_cell_quality.json"
 PRETEXT = "grid_mask"
 DEFAULT_SCORE = {"num_images": 256, "reference_batches": 8}
 
-# Defined when run as a script (below): semi_supervised.py defines a
-# --protocol flag too, and both modules are imported by the tests.
-_PROTOCOL = None
-
 
 def score_settings(sweep: ml_collections.ConfigDict) -> dict[str, int]:
   """`sweep.score` over the defaults, checked."""
@@ -390,7 +386,7 @@ def main(argv):
   if not sweep_lib.ROOT.value:
     raise app.UsageError("--root is required")
   root = sweep_lib.ROOT.value
-  if run_protocol(_PROTOCOL.value, root) is None:
+  if run_protocol(sweep_lib.protocol_config(DEFAULT_PROTOCOL), root) is None:
     return  # --mode=commands
   with open(os.path.join(root, MD_FILE)) as f:
     print(f.read())
@@ -398,8 +394,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _PROTOCOL = config_flags.DEFINE_config_file(
-      "protocol", DEFAULT_PROTOCOL,
-      "The protocol's sweep config (arms, seeds, budget, score settings).")
   app.run(main)

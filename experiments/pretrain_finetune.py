@@ -60,18 +60,14 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import app
-from absl import flags
 import ml_collections
 
 from experiments import semi_supervised
 from experiments import sweep as sweep_lib
 from experiments.protocols import stats
 
-# `--protocol` (the protocol's config file) is semi_supervised.py's flag,
-# reused: both scripts' plots and tables come from there. It is required
-# here (its default names semi_supervised's config).
-FLAGS = flags.FLAGS
-PROTOCOL_FLAG = "protocol"
+# The default of --protocol (`sweep_lib.PROTOCOL`).
+DEFAULT_PROTOCOL = "experiments/configs/sweeps/pretrain_finetune.py"
 
 PRETRAIN = "pretrain"
 SCRATCH = "scratch"
@@ -338,10 +334,10 @@ def _eval(run: sweep_lib.Run) -> dict[str, float]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not sweep_lib.ROOT.value or not FLAGS[PROTOCOL_FLAG].present:
-    raise app.UsageError("--protocol (e.g. experiments/configs/sweeps/"
-                         "pretrain_finetune.py) and --root are required")
-  config, root = FLAGS[PROTOCOL_FLAG].value, sweep_lib.ROOT.value
+  if not sweep_lib.ROOT.value:
+    raise app.UsageError("--root is required")
+  config = sweep_lib.protocol_config(DEFAULT_PROTOCOL)
+  root = sweep_lib.ROOT.value
   if sweep_lib.MODE.value == "commands":
     lines, waiting = commands(config, root)
     for line in lines:

@@ -33,14 +33,12 @@ import os
 from typing import Any, Mapping, Sequence
 
 from absl import app
-from ml_collections import config_flags
 import ml_collections
 
 from experiments import sweep as sweep_lib
 
-_PROTOCOL = config_flags.DEFINE_config_file(
-    "protocol", "experiments/configs/sweeps/semi_supervised.py",
-    "The protocol's config (fractions, seeds, arms, tuning, budget).")
+# The default of --protocol (`sweep_lib.PROTOCOL`).
+DEFAULT_PROTOCOL = "experiments/configs/sweeps/semi_supervised.py"
 
 LABELS_AXIS = "labels"
 ARM_AXIS = "arm"
@@ -155,7 +153,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not sweep_lib.ROOT.value:
     raise app.UsageError("--root is required")
-  config, root = _PROTOCOL.value, sweep_lib.ROOT.value
+  config = sweep_lib.protocol_config(DEFAULT_PROTOCOL)
+  root = sweep_lib.ROOT.value
   sweep = make_sweep(config, config.tasks.split(","))
   runs = sweep_lib.plan(sweep, root, [])
   if sweep_lib.dispatch(sweep, runs, lambda r, d: collect(config, r, d),

@@ -78,6 +78,12 @@ ROOT = flags.DEFINE_string("root", None, "Directory of the sweep's runs.")
 MODE = flags.DEFINE_enum("mode", "run", ["run", "commands", "collect"],
                          "Train the runs, print their commands, or only "
                          "collect the finished ones.")
+# The protocol scripts built on the sweep (semi_supervised.py, grid_cells.py,
+# pretrain_finetune.py, relatedness.py) read their config file from
+# --protocol; each has its own default (`protocol_config`).
+PROTOCOL = config_flags.DEFINE_config_file(
+    "protocol", None, "A protocol script's config file "
+    "(experiments/configs/sweeps/<protocol>.py; default: the script's own).")
 
 RESULTS = "results.json"
 SINGLE = "single"
@@ -197,6 +203,14 @@ def make_config(sweep: ml_collections.ConfigDict, run: Run
   config = load_config(sweep.base)
   config.update_from_flattened_dict(run.overrides)
   return config
+
+
+def protocol_config(default: str) -> ml_collections.ConfigDict:
+  """The `--protocol` config, or `default`'s (a config file path; also
+  when the flags are not parsed, e.g. from a notebook)."""
+  if flags.FLAGS.is_parsed() and PROTOCOL.value is not None:
+    return PROTOCOL.value
+  return load_config(default)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

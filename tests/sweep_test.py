@@ -335,3 +335,9 @@ def test_dispatch_runs_prints_or_collects(tmp_path, capsys):
   assert collected == [(len(runs), root)] * 2
   with pytest.raises(ValueError, match="sweep mode 'train'"):
     sweep_lib.dispatch(sweep, runs, collect_fn, root=root, mode="train")
+
+
+def test_protocol_config_defaults_to_the_scripts_own_file():
+  path = "experiments/configs/sweeps/semi_supervised.py"
+  assert (sweep_lib.protocol_config(path).to_dict()
+          == sweep_lib.load_config(path).to_dict())
