@@ -155,7 +155,7 @@ def test_the_shipped_protocol():
     train.check_config(config)
     assert dict(config.data.label_fractions) == {
         "left": 0.05, "right": 0.05, "present": 0.05, "sum": 0.05}
-    assert config.num_steps == 800 and config.select_by == "loss"
+    assert config.num_steps == 600 and config.select_by == "loss"
     if run.method == "none":
       assert config.data.drop_unlabelled and not config.pretext.names
     else:

@@ -241,7 +241,7 @@ def test_arms_and_pretrain_tasks_outside_the_downstream_ones(tmp_path):
       "data.label_fractions.right"] == 1.0
   # No selection: fine-tuning starts from its last step.
   assert pre["select_by"] == "" and pre["data.validation_fraction"] == 0.0
-  assert pre["num_steps"] == 1500
+  assert pre["num_steps"] == 1000
   runs = {r.method: r.overrides for r in second}
   assert runs["finetune_lr01"]["init_from"] == pf.pretrain_dir(
       str(tmp_path), 3) == first[0].workdir

@@ -2,7 +2,7 @@
 
 `experiments/grid_cells.py`'s protocol, a sweep (`experiments/sweep.py`) on
 the small-data setting of multi_digits (5% of each task's training labels,
-the rest the unlabelled pool), 800 steps, three seeds; a validation split of
+the rest the unlabelled pool), 600 steps, three seeds; a validation split of
 10% of the labelled rows selects the step (static-weighted validation loss).
 The method axis "pretext":
 
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
       "tasks": ",".join(TASKS),
       "data": {"data_dir": "data/tfds", "validation_fraction": 0.1,
                "label_fractions": {t: LABEL_FRACTION for t in TASKS}},
-      "select_by": "loss", "num_steps": 800, "eval_every": 200,
+      "select_by": "loss", "num_steps": 600, "eval_every": 150,
       "optimizer": {"warmup_steps": 50}})
   sweep.method_axis = "pretext"
   arms = {"none": {"data": {"drop_unlabelled": True}}}

@@ -1,11 +1,11 @@
 """Pre-train, fine-tune vs scratch (`experiments/pretrain_finetune.py`).
 
-Per seed (0, 1, 2), one pre-training run of 1500 steps on all 20 000
+Per seed (0, 1, 2), one pre-training run of 1000 steps on all 20 000
 training composites: the pretexts of `multi_digits_ssl.py` (grid_mask 2 x 2,
 rotate 0/180) and the supervised tasks left and right with all their labels
 (seen at pre-training). Then, at 1%, 10% and 100% of each downstream task's
 labels (left, right, present, sum: present and sum unseen at pre-training),
-three arms of 800 steps each: scratch, finetune (from the seed's
+three arms of 600 steps each: scratch, finetune (from the seed's
 pre-training run) and probe (the same, shared trunk frozen). A validation
 split of 10% of the labelled rows selects each run's step (static-weighted
 validation loss); the test split is evaluated once per run.
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # fine-tune runs start from its last step).
   config.overrides = ml_collections.ConfigDict({
       "data": {"data_dir": "data/tfds", "validation_fraction": 0.1},
-      "select_by": "loss", "num_steps": 800, "eval_every": 200,
+      "select_by": "loss", "num_steps": 600, "eval_every": 150,
       "optimizer": {"warmup_steps": 50}})
   # Tuned for every downstream arm on the validation split ({} for none),
   # e.g. {"lr1e-3": {"optimizer": {"learning_rate": 1e-3}}, ...}.
@@ -46,6 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain_tasks = "left,right"
   config.pretrain_label_fraction = 1.0
   config.pretrain_overrides = ml_collections.ConfigDict({
-      "num_steps": 1500, "eval_every": 500, "checkpoint_every": 500,
+      "num_steps": 1000, "eval_every": 500, "checkpoint_every": 500,
       "optimizer": {"warmup_steps": 100}})
   return config
