@@ -1,0 +1,58 @@
+"""experiments/protocols/publish.py: outputs copied, README tables current."""
+
+import json
+import os
+
+import pytest
+
+from experiments.protocols import publish
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_result_tables_are_the_committed_output_files():
+  """Every README block names an output file under docs/results and holds
+  exactly its content (run `python -m experiments.protocols.publish
+  --readme` after publishing new outputs)."""
+  with open(os.path.join(REPO, publish.README)) as f:
+    text = f.read()
+  blocks = publish.BLOCK.findall(text)
+  assert blocks, "README.md has no result block"
+  assert publish.render(text, os.path.join(REPO, publish.RESULTS_DIR)) == text
+
+
+def test_publish_copies_outputs_and_times_the_runs(tmp_path):
+  root = tmp_path / "sweep"
+  for name, (start, end) in {"a/seed0": (100.0, 160.0),
+                             "b/seed0": (170.0, 200.0)}.items():
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "results.json").write_text("{}")
+    os.utime(run / "config.json", (start, start))
+    os.utime(run / "results.json", (end, end))
+  (root / "unfinished").mkdir()
+  (root / "unfinished" / "config.json").write_text("{}")
+  (root / "summary.md").write_text("## group\n| a | 1 |\n")
+  (root / "summary.png").write_bytes(b"png")
+  out = tmp_path / "docs"
+  files = publish.publish(str(root), "demo", str(out))
+  assert sorted(os.path.basename(f) for f in files) == [
+      "runtime.json", "runtime.md", "summary.md", "summary.png"]
+  with open(out / "demo" / "runtime.json") as f:
+    assert json.load(f) == {"runs": 2, "run_seconds": 90.0,
+                            "wall_seconds": 100.0}
+  with open(out / "demo" / "runtime.md") as f:
+    assert f.read().startswith("2 runs; 2 minutes of training summed over "
+                               "the runs, 2 minutes from the first start")
+  readme = ("x\n<!-- results: demo/summary.md -->\nold\n<!-- /results -->\n"
+            "y\n")
+  assert publish.render(readme, str(out)) == (
+      "x\n<!-- results: demo/summary.md -->\n#### group\n| a | 1 |\n"
+      "<!-- /results -->\n"
+      "y\n")
+  with pytest.raises(ValueError, match="missing/summary.md"):
+    publish.render("<!-- results: missing/summary.md -->\n<!-- /results -->",
+                   str(out))
+  with pytest.raises(ValueError, match="no finished run"):
+    publish.runtime(str(root / "unfinished"))
