@@ -491,7 +491,8 @@ def markdown(report: Mapping[str, Any]) -> str:
   tasks = report["tasks"]
   lines = [
       "# Task relatedness", "",
-      f"Reference run `{report['reference']}`, measured at steps "
+      f"Reference run `<root>/{os.path.basename(report['reference'])}`, "
+      f"measured at steps "
       f"{report['steps']} (learning rates "
       f"{[float(f'{lr:.3g}') for lr in report['learning_rates']]}), "
       f"{report['num_batches']} training batch(es) per step; means over "
