@@ -48,7 +48,7 @@ def test_publish_copies_outputs_and_times_the_runs(tmp_path):
   readme = ("x\n<!-- results: demo/summary.md -->\nold\n<!-- /results -->\n"
             "y\n")
   assert publish.render(readme, str(out)) == (
-      "x\n<!-- results: demo/summary.md -->\n#### group\n| a | 1 |\n"
+      "x\n<!-- results: demo/summary.md -->\n##### group\n| a | 1 |\n"
       "<!-- /results -->\n"
       "y\n")
   with pytest.raises(ValueError, match="missing/summary.md"):

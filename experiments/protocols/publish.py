@@ -19,7 +19,7 @@ the last end.
   ...
   <!-- /results -->
 
-by the content of `docs/results/<name>/<file>.md` (its headings two levels
+by the content of `docs/results/<name>/<file>.md` (its headings three levels
 down), so that the README's
 tables are the scripts' output files, never retyped;
 `tests/publish_test.py` checks that the README is up to date.
@@ -109,8 +109,8 @@ def render(readme: str, results_dir: str = RESULTS_DIR) -> str:
                        "not exist")
     with open(path) as f:
       body = f.read().strip("\n") + "\n"
-    # The file's headings go two levels down (under the README's ###).
-    body = re.sub(r"^#", "###", body, flags=re.MULTILINE)
+    # The file's headings go three levels down (under the README's ###).
+    body = re.sub(r"^#", "####", body, flags=re.MULTILINE)
     return match.group(1) + body + match.group(4)
 
   return BLOCK.sub(block, readme)
