@@ -36,6 +36,8 @@ import shutil
 from absl import app
 from absl import flags
 
+from experiments import sweep as sweep_lib
+
 RESULTS_DIR = "docs/results"
 README = "README.md"
 OUTPUT_PATTERNS = ("*.md", "*.json", "*.csv", "*.png")
@@ -44,8 +46,8 @@ RUNTIME_MD = "runtime.md"
 BLOCK = re.compile(r"(<!-- results: (?P<path>[^ ]+) -->\n)(?P<body>.*?)"
                    r"(<!-- /results -->)", re.DOTALL)
 
-_ROOT = flags.DEFINE_string("root", None,
-                            "The protocol's directory (its --root).")
+# --root is the sweep's flag (the protocol's directory, as for the scripts).
+_ROOT = sweep_lib.ROOT
 _NAME = flags.DEFINE_string("name", None,
                             "docs/results/<name>/ receives the outputs.")
 _README = flags.DEFINE_bool("readme", False,
