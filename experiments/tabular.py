@@ -534,8 +534,12 @@ def run(problems: list[str], rates: list[float], num_seeds: int,
   rows = summarize(records)
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(rows, f, indent=1)
+  fitted = [r for r in records if r["scores"] is not None]
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(to_markdown(rows))
+    f.write(f"{len(fitted)} fits of {len(records)} (the others not "
+            "applicable); fit time summed over them: "
+            f"{sum(r['fit_seconds'] for r in fitted) / 60:.1f} min.\n")
   keys = ["problem", "method", "missing", "seeds", "fitted", "score",
           "ci_low", "ci_high", "fit_seconds"]
   with open(os.path.join(out_dir, "results.csv"), "w") as f:

@@ -49,6 +49,10 @@
                a catalog dataset's mixture and eval stream (`data.build`):
                mtl.load_dataset, mtl.select_tasks, mtl.build_data
 
+  sklearn      scikit-learn estimators for tables with missing targets
+               (`from mtl_jax.sklearn import MultiTaskRegressor,
+               MultiTaskClassifier`; not imported by `import mtl_jax`)
+
 The data names above are loaded on first use (their modules import TFDS's
 reader), so `import mtl_jax` costs JAX, Flax and optax only. The README's
 "Library quick-start" shows a whole training loop with these names.
