@@ -48,7 +48,8 @@ A joint method needs complete rows: with fewer than `MIN_COMPLETE_ROWS` it is
 not fitted ("n/a" in the tables, with how many seeds it could be fitted).
 
 Writes to `--results`: `fits.jsonl` (one line per fit: per-target scores, fit
-time), `summary.json`, `results.md` and `results.csv` (tables),
+time), `summary.json`, `results.md` and `results.csv` (mean over targets),
+`per_target.md` (every target's score, mean and 95% CI over seeds),
 `tabular.png` (score against the missing rate, per problem),
 `gradnorm_weights.json`/`.md`/`.png` (the weights GradNorm and uncertainty
 weighting learn on the gradnorm problem, per task and its sigma, over the
@@ -359,9 +360,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if fitted:
       means = [float(np.mean(r["scores"])) for r in fitted]
       mean, lo, hi = stats.mean_ci(means)
+      per_target = np.array([r["scores"] for r in fitted])
       row.update(score=mean, ci_low=lo, ci_high=hi,
-                 per_target=np.mean([r["scores"] for r in fitted],
-                                    axis=0).tolist(),
+                 per_target=per_target.mean(axis=0).tolist(),
+                 per_target_ci=[list(stats.mean_ci(per_target[:, j]))
+                                for j in range(per_target.shape[1])],
                  fit_seconds=float(np.median([r["fit_seconds"]
                                               for r in fitted])))
     rows.append(row)
@@ -400,6 +403,30 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
       out.append(f"| {method} | " + " | ".join(
           _cell(cells[m]) if m in cells else "" for m in rates) +
                  f" | {time_cell} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def per_target_markdown(rows: list[dict[str, Any]]) -> str:
+  """One table per problem: (method, missing rate) x targets."""
+  out = []
+  for problem in dict.fromkeys(r["problem"] for r in rows):
+    sub = [r for r in rows if r["problem"] == problem and r["fitted"]]
+    k = len(sub[0]["per_target"]) if sub else 0
+    metric = "accuracy" if problem == "multilabel" else "R²"
+    out.append(f"#### {problem}: {metric} per target (test rows), "
+               "mean ± 95% CI over seeds\n")
+    out.append("| method | missing | " + " | ".join(
+        f"y{j}" for j in range(k)) + " |")
+    out.append("|---" * (k + 2) + "|")
+    for r in sorted(sub, key=lambda r: (r["method"], r["missing"])):
+      cells = []
+      for mean, lo, hi in r["per_target_ci"]:
+        half = (hi - lo) / 2
+        cells.append(f"{mean:.3f} ± {half:.3f}" if math.isfinite(half)
+                     else f"{mean:.3f}")
+      out.append(f"| {r['method']} | {100 * r['missing']:.0f}% | " +
+                 " | ".join(cells) + " |")
     out.append("")
   return "\n".join(out)
 
@@ -540,6 +567,8 @@ def run(problems: list[str], rates: list[float], num_seeds: int,
     f.write(f"{len(fitted)} fits of {len(records)} (the others not "
             "applicable); fit time summed over them: "
             f"{sum(r['fit_seconds'] for r in fitted) / 60:.1f} min.\n")
+  with open(os.path.join(out_dir, "per_target.md"), "w") as f:
+    f.write(per_target_markdown(rows))
   keys = ["problem", "method", "missing", "seeds", "fitted", "score",
           "ci_low", "ci_high", "fit_seconds"]
   with open(os.path.join(out_dir, "results.csv"), "w") as f:

@@ -56,7 +56,12 @@ def test_summary_means_targets_then_seeds_with_a_t_interval():
   assert m["ci_high"] - m["score"] == pytest.approx(12.7062 * 0.1, rel=1e-4)
   assert m["fit_seconds"] == 2.0 and m["per_target"] == pytest.approx(
       [0.65, 0.75])
+  assert m["per_target_ci"][1][0] == pytest.approx(0.75)
+  assert m["per_target_ci"][1][2] - 0.75 == pytest.approx(12.7062 * 0.05,
+                                                          rel=1e-4)
   assert rows["chain"]["fitted"] == 1 and rows["chain"]["seeds"] == 2
+  assert "| m | 30% | 0.650 ± 1.906 | 0.750 ± 0.635 |" in (
+      tabular.per_target_markdown(tabular.summarize(records)))
   table = tabular.to_markdown(tabular.summarize(records))
   assert "| chain | 0.200 (1/2 seeds) | 2.00 |" in table
   assert "| m | 0.700 ± 1.271 | 2.00 |" in table
@@ -73,7 +78,8 @@ def test_tiny_run_writes_outputs_and_a_rerun_fits_nothing(tmp_path,
   # 60% of 3 targets missing on 16 training rows: the joint fits have fewer
   # than MIN_COMPLETE_ROWS complete rows in some fold.
   assert by["ridge"]["fitted"] == 1 and len(by["ridge"]["per_target"]) == 3
-  for name in ("results.md", "results.csv", "summary.json", "fits.jsonl"):
+  for name in ("results.md", "results.csv", "summary.json", "fits.jsonl",
+               "per_target.md"):
     assert os.path.getsize(tmp_path / name) > 0
   assert os.path.getsize(tmp_path / "tabular.png") > 10_000
   with open(tmp_path / "fits.jsonl") as f:
