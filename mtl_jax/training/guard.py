@@ -2,7 +2,8 @@
 
 A NaN or Inf in one task's loss (a bad label, an overflow) or in the update
 would otherwise poison the params for the rest of the run. `skip_nonfinite`
-wraps a pure train step: inside the compiled step it checks every task loss,
+wraps a pure train step (`make_train_step` applies it itself unless built
+with `skip_nonfinite=False`): inside the compiled step it checks every task loss,
 the total loss and every floating leaf of the new params and method states,
 and where anything is not finite it keeps the previous params, optimizer,
 weighting and aggregation states (the step counter still advances, so the
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 
 from mtl_jax.training.state import TrainState
 
+# Set on a guarded step function: `skip_nonfinite` does not wrap it again.
+GUARDED = "skips_nonfinite"
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
 
 
@@ -46,8 +49,12 @@ def skip_nonfinite(train_step: StepFn, task_names: Sequence[str]) -> StepFn:
 
   Returns:
     A pure step with the same signature (jit/pmap it as the original) whose
-    metrics also hold "nonfinite", "nonfinite_streak" and "<task>/nonfinite".
+    metrics also hold "nonfinite", "nonfinite_streak" and "<task>/nonfinite";
+    `train_step` itself if it is already guarded (a default
+    `make_train_step`), so wrapping twice changes nothing.
   """
+  if getattr(train_step, GUARDED, False):
+    return train_step
   task_names = tuple(task_names)
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -69,4 +76,5 @@ def skip_nonfinite(train_step: StepFn, task_names: Sequence[str]) -> StepFn:
       metrics[f"{t}/nonfinite"] = flag.astype(jnp.float32)
     return new, metrics
 
+  setattr(step, GUARDED, True)
   return step

@@ -15,7 +15,11 @@
    Jacobian, or the gradients w.r.t. the shared representation with
    `rep_grad`); task params get their own task's weighted gradient;
 3. the optax update is applied; methods that learn from the loss change
-   (FAMO) see the losses of the updated model on the same batch.
+   (FAMO) see the losses of the updated model on the same batch;
+4. by default (`skip_nonfinite=True`) a step whose losses, new params or new
+   method states are not finite changes nothing but the step counter
+   (`mtl_jax.training.guard.skip_nonfinite`); its metrics then also hold
+   `nonfinite`, `nonfinite_streak` and `<task>/nonfinite`.
 
 A task with no label in the batch (count 0) has loss 0 and zero gradient, and
 neither the weighting nor the aggregator lets it move any state.
@@ -37,6 +41,7 @@ from mtl_jax.gradients import forward as forward_lib
 from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.pretext import views as views_lib
 from mtl_jax.relatedness import gram_cosines
+from mtl_jax.training import guard
 from mtl_jax.training.state import TrainState
 from mtl_jax.weighting import Weighting
 
@@ -139,7 +144,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
                     pass_task_presence: bool = False,
                     schedule: optax.Schedule | None = None,
                     axis_name: str | None = None,
-                    gradient_cosines: bool = False
+                    gradient_cosines: bool = False,
+                    skip_nonfinite: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure train step.
 
@@ -182,13 +188,21 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
       backward pass; NaN where a task has no labels in the batch or a zero
       weight). Needs an aggregator, not rep_grad, and for a columnwise one
       jacobian="full".
+    skip_nonfinite: skip a step whose task losses, total loss, new params or
+      new optimizer/method states hold a NaN or Inf: the state is kept but
+      for `step` (which advances) and `nonfinite_streak` (which counts the
+      consecutive skipped steps), inside the compiled step
+      (`guard.skip_nonfinite`). False: the bare step, which applies whatever
+      update it computes (NaN included).
 
   Returns:
     `step(state, batch) -> (new_state, metrics)`, with metrics `loss` (the
     weighted objective plus auxiliary losses), `grad_norm`, `aux/<name>` for
     every auxiliary loss the model sows, `learning_rate` with a schedule, and
     `<task>/loss`, `<task>/count`, `<task>/weight` for every task (and
-    `grad_cos/<a>,<b>` with `gradient_cosines`).
+    `grad_cos/<a>,<b>` with `gradient_cosines`); with `skip_nonfinite` also
+    `nonfinite` (1.0 for a skipped step), `nonfinite_streak` and
+    `<task>/nonfinite` (1.0 where that task's loss was not finite).
 
   Raises:
     ValueError: rep_grad without an aggregator, with one that is not valid
@@ -221,6 +235,8 @@ def make_train_step(apply_fn: Callable[..., Any], tasks: tasks_lib.TaskSet,
     return update_task_state(tasks, state, new_state, metrics, result, batch,
                              keys, axis_name)
 
+  if skip_nonfinite:
+    return guard.skip_nonfinite(step, tasks.names)
   return step
 
 
