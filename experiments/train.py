@@ -50,7 +50,6 @@ from mtl_jax.training import checkpoint as checkpoint_lib
 from mtl_jax.training import checks
 from mtl_jax.training import distributed
 from mtl_jax.training import evaluate as evaluate_lib
-from mtl_jax.training import guard
 from mtl_jax.training import loop
 from mtl_jax.training import parallel as parallel_lib
 from mtl_jax.training import run_config
@@ -412,14 +411,13 @@ def initial_state(exp: Experiment, sample_inputs: Any, seed: int,
 
 
 def compile_train_step(exp: Experiment, state: Any) -> Any:
-  """The run's train step, NaN/Inf guarded, compiled for the placed
-  `state`."""
+  """The run's train step, NaN/Inf guarded (`make_train_step`'s default
+  `skip_nonfinite=True`), compiled for the placed `state`."""
   par = exp.parallel
-  return par.compile_train_step(guard.skip_nonfinite(
-      step_lib.make_train_step(
-          exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
-          schedule=exp.schedule, axis_name=par.axis_name,
-          **exp.step_kwargs()), exp.tasks.names), state)
+  return par.compile_train_step(step_lib.make_train_step(
+      exp.model.apply, exp.tasks, exp.optimizer, exp.weighting,
+      schedule=exp.schedule, axis_name=par.axis_name,
+      **exp.step_kwargs()), state)
 
 
 def make_parallel(config: ml_collections.ConfigDict
