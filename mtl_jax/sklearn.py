@@ -68,17 +68,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.base import BaseEstimator
-from sklearn.base import ClassifierMixin
-from sklearn.base import RegressorMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import r2_score
-from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array
-from sklearn.utils.validation import check_consistent_length
-from sklearn.utils.validation import check_is_fitted
-from sklearn.utils.validation import validate_data
+try:
+  from sklearn.base import BaseEstimator
+  from sklearn.base import ClassifierMixin
+  from sklearn.base import RegressorMixin
+  from sklearn.exceptions import ConvergenceWarning
+  from sklearn.metrics import r2_score
+  from sklearn.utils import check_random_state
+  from sklearn.utils.multiclass import check_classification_targets
+  from sklearn.utils.validation import check_array
+  from sklearn.utils.validation import check_consistent_length
+  from sklearn.utils.validation import check_is_fitted
+  from sklearn.utils.validation import validate_data
+except ImportError as e:
+  raise ImportError(
+      "mtl_jax.sklearn needs scikit-learn (>= 1.9, with "
+      "sklearn.utils.validation.validate_data): pip install "
+      f"'mtl-jax[sklearn]' ({e})") from e
 
 from mtl_jax import aggregation as aggregation_lib
 from mtl_jax import tasks as tasks_lib

@@ -33,7 +33,12 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ImportError(
+            "MetricWriter writes TensorBoard events with tensorboardX, which "
+            "is not installed: pip install 'mtl-jax[tensorboard]'") from e
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: Mapping[str, Any], *,
