@@ -18,9 +18,12 @@ which have flags: the last command uses those of FAMO's official toy script
 reach -20, and FAMO takes the log of `L - min_losses`). See `mtl_jax/weighting/
 famo.py` for why the defaults stall on the upper plateau.
 
-Writes `<out>/toy_pareto.png` (trajectories over the contours of the mean loss,
-the Pareto set in black) and `<out>/toy_pareto.json` (per method: final points,
-losses, and how many runs reached the Pareto set).
+Writes `<out>/toy_pareto.png` (one panel per method in x = (x1, x2) space:
+the trajectories from the five starts over the contours of the mean loss
+(f1 + f2) / 2, the Pareto set in black, a legend below the panels) and
+`<out>/toy_pareto.json` (per method: final points, losses, and how many runs
+reached the Pareto set), and ends by printing the table of runs on the Pareto
+set and the paths of the two files.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ INITS = np.array([[-8.5, 7.5], [-8.5, -5.0], [9.0, 9.0], [-7.5, -0.5],
                   [9.0, -1.0]], np.float32)
 _LOWER = 5e-6
 DEFAULT_WEIGHTINGS = ("uncertainty", "dwa", "gls", "imtl_l", "famo")
+JSON_FILE = "toy_pareto.json"
+PNG_FILE = "toy_pareto.png"
 
 
 def toy_losses(x: jax.Array) -> jax.Array:
@@ -188,10 +193,23 @@ def run_method(name: str, inits: np.ndarray, steps: int, learning_rate: float,
           "final_losses": np.asarray(jax.vmap(toy_losses)(final))}
 
 
-def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
-  """Trajectories per method over the contours of the mean loss."""
+def output_files(out: str) -> tuple[str, str]:
+  """`(json_path, png_path)` that `run` writes under `out`."""
+  return os.path.join(out, JSON_FILE), os.path.join(out, PNG_FILE)
+
+
+def plot(results: dict[str, dict], front_x: np.ndarray, path: str
+         ) -> dict[str, Any]:
+  """Trajectories per method over the contours of the mean loss.
+
+  Returns:
+    `{"axis_labels": (x label, y label), "legend": [entries]}` of the figure
+    written to `path` (the same labels on every panel).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  import matplotlib.lines as mlines  # pylint: disable=g-import-not-at-top
+  import matplotlib.patches as mpatches  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   xs = np.linspace(-10, 10, 300, dtype=np.float32)
@@ -200,7 +218,8 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
   n = len(results)
   ncols = min(n, 5)
   nrows = -(-n // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows),
+  fig, axes = plt.subplots(nrows, ncols,
+                           figsize=(3.2 * ncols, 3.2 * nrows + 0.9),
                            squeeze=False)
   colors = plt.cm.tab10(np.arange(len(INITS)))
   for ax, (name, r) in zip(axes.ravel(), results.items()):
@@ -212,12 +231,30 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str) -> None:
       ax.plot(*t[-1], "*", color=colors[i], ms=8, mec="k", mew=0.5)
     ax.set_title(f"{name}: {r['reached']}/{len(INITS)} on Pareto set",
                  fontsize=9)
-    ax.set(xlim=(-10, 10), ylim=(-10, 10), xticks=[], yticks=[])
+    ax.set(xlim=(-10, 10), ylim=(-10, 10), xticks=[-10, 0, 10],
+           yticks=[-10, 0, 10])
+    ax.set_xlabel("x1", fontsize=8, labelpad=1)
+    ax.set_ylabel("x2", fontsize=8, labelpad=1)
+    ax.tick_params(labelsize=7)
   for ax in axes.ravel()[n:]:
     ax.axis("off")
-  fig.tight_layout()
+  handles = [mlines.Line2D([], [], color=colors[i], marker="o", ms=4, lw=1.2,
+                           label=f"start ({x1:g}, {x2:g})")
+             for i, (x1, x2) in enumerate(INITS)]
+  handles += [
+      mlines.Line2D([], [], color="grey", marker="*", ms=8, mec="k", mew=0.5,
+                    ls="none", label="end of a run"),
+      mlines.Line2D([], [], color="k", lw=2.5, alpha=0.8, label="Pareto set"),
+      mpatches.Patch(color="grey", alpha=0.6,
+                     label="mean loss (f1 + f2) / 2 (darker: higher)")]
+  legend = fig.legend(handles=handles, loc="lower center",
+                      ncol=8 if ncols >= 4 else 4, fontsize=8, frameon=False)
+  bottom = 0.9 / (3.2 * nrows + 0.9)  # the legend's strip, as a fraction
+  fig.tight_layout(rect=(0, bottom, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return {"axis_labels": (axes[0, 0].get_xlabel(), axes[0, 0].get_ylabel()),
+          "legend": [t.get_text() for t in legend.get_texts()]}
 
 
 def run(methods: list[str], steps: int, learning_rate: float,
@@ -262,11 +299,25 @@ def run(methods: list[str], steps: int, learning_rate: float,
                  i + 1, len(methods), name, r["reached"], len(INITS),
                  time.perf_counter() - t0,
                  elapsed / (i + 1) * (len(methods) - i - 1))
-  with open(os.path.join(out, "toy_pareto.json"), "w") as f:
+  json_path, png_path = output_files(out)
+  with open(json_path, "w") as f:
     json.dump({"steps": steps, "learning_rate": learning_rate,
                "tolerance": tolerance, "methods": summary}, f, indent=1)
-  plot(results, front_x, os.path.join(out, "toy_pareto.png"))
+  plot(results, front_x, png_path)
   return summary
+
+
+def report(summary: dict[str, dict], out: str) -> str:
+  """What `main` prints: runs on the Pareto set per method, then the files."""
+  json_path, png_path = output_files(out)
+  lines = ["method        on Pareto set"]
+  lines += [f"{name:<13} {s['reached']}/{s['runs']}"
+            for name, s in summary.items()]
+  lines += [f"wrote {json_path} (per method: final points, losses, runs on "
+            "the Pareto set)",
+            f"wrote {png_path} (trajectories over the mean loss, Pareto set "
+            "in black)"]
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -279,9 +330,7 @@ def main(argv):
     famo_kwargs["min_losses"] = [float(v) for v in _FAMO_MIN_LOSSES.value]
   summary = run(methods, _STEPS.value, _LR.value, _TOLERANCE.value, _OUT.value,
                 weighting_kwargs={"famo": famo_kwargs})
-  print("method        on Pareto set")
-  for name, s in summary.items():
-    print(f"{name:<13} {s['reached']}/{s['runs']}")
+  print(report(summary, _OUT.value))
 
 
 if __name__ == "__main__":

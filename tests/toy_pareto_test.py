@@ -45,6 +45,28 @@ def test_mgda_reaches_the_front_and_main_writes_outputs(tmp_path):
   assert summary["methods"]["mean"]["runs"] == 5
   assert summary["methods"]["famo"]["hyperparameters"] == famo_kwargs
   assert os.path.getsize(tmp_path / "toy_pareto.png") > 10_000
+  # What main prints ends with the paths of the two files it wrote.
+  lines = toy_pareto.report(summary["methods"], str(tmp_path)).splitlines()
+  reached = {m: summary["methods"][m]["reached"] for m in ("mean", "famo")}
+  assert lines[1:3] == [f"mean          {reached['mean']}/5",
+                        f"famo          {reached['famo']}/5"]
+  assert lines[3].startswith(f"wrote {tmp_path / 'toy_pareto.json'} ")
+  assert lines[4].startswith(f"wrote {tmp_path / 'toy_pareto.png'} ")
+
+
+def test_plot_labels_axes_and_has_a_legend(tmp_path):
+  # Two panels of made-up straight trajectories: only the figure is checked.
+  traj = np.linspace(toy_pareto.INITS, np.zeros_like(toy_pareto.INITS), 3,
+                     axis=1)
+  results = {m: {"trajectories": traj, "reached": 1} for m in ("a", "b")}
+  front_x = np.array([[-7.0, -8.4], [7.0, -8.4]])
+  info = toy_pareto.plot(results, front_x, str(tmp_path / "p.png"))
+  assert info["axis_labels"] == ("x1", "x2")
+  assert info["legend"] == [
+      "start (-8.5, 7.5)", "start (-8.5, -5)", "start (9, 9)",
+      "start (-7.5, -0.5)", "start (9, -1)", "end of a run", "Pareto set",
+      "mean loss (f1 + f2) / 2 (darker: higher)"]
+  assert os.path.getsize(tmp_path / "p.png") > 10_000
 
 
 def test_famo_leaves_the_plateau_only_without_logit_decay():
