@@ -67,7 +67,8 @@ BAD = [
      r"config.optimizer.momentum must be in \[0, 1\), got 1.0"),
     ({"optimizer.schedule": "step"}, r"unknown schedule 'step'"),
     ({"optimizer.warmup_steps": 20},
-     r"warmup_steps must be in \[0, total_steps=20\), got 20"),
+     r"config.optimizer.warmup_steps=20 must be < config.num_steps=20; "
+     r"lower config.optimizer.warmup_steps, or set it to -1"),
     ({"weighting.name": "nope"},
      r"unknown weighting method 'nope'; valid: dwa, equal, famo"),
     ({"task_weights.left": -1.0}, r"static weights must be .* >= 0"),

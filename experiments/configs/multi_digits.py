@@ -115,7 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.name = "adam"  # sgd | adam | adamw
   config.optimizer.learning_rate = 2e-3
   config.optimizer.schedule = "warmup_cosine"  # constant | cosine | warmup_cosine
-  config.optimizer.warmup_steps = 100
+  # -1: automatic, min(100, num_steps // 10) (valid for any run length); an
+  # explicit count must be < num_steps (and < the steps added by extending).
+  config.optimizer.warmup_steps = -1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0

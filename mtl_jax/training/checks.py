@@ -50,24 +50,34 @@ def build_optimizer(name: str, learning_rate: float, *, schedule: str,
                     momentum: float = 0.9, weight_decay: float = 0.0,
                     grad_clip_norm: float = 0.0,
                     param_groups: Sequence[tuple[str, float]] = (),
-                    prefix: str = ""
+                    horizons: Sequence[int] = (),
+                    prefix: str = "", steps_field: str = "total_steps"
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Checks the optimizer's options and returns `(optimizer, schedule)`
-  (`optim.make_schedule`, `optim.make_optimizer`).
+  (`optim.make_schedule`, `optim.make_optimizer`; `horizons`: the schedule's
+  recorded cycles, `optim.extend_horizons`). `steps_field` names
+  `total_steps` in messages (e.g. "config.num_steps").
 
   Raises:
     ValueError: an out-of-range value or unknown name (the message names it).
   """
   check_number(f"{prefix}learning_rate", learning_rate, lambda v: v > 0, "> 0")
-  check_number(f"{prefix}warmup_steps", warmup_steps, lambda v: v >= 0, ">= 0")
+  check_number(f"{prefix}warmup_steps", warmup_steps,
+               lambda v: v >= 0 or v == optim.AUTO_WARMUP,
+               f">= 0 (or {optim.AUTO_WARMUP}: automatic)")
   check_number(f"{prefix}momentum", momentum, lambda v: 0 <= v < 1,
                "in [0, 1)")
   check_number(f"{prefix}weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
   check_number(f"{prefix}grad_clip_norm", grad_clip_norm, lambda v: v >= 0,
                ">= 0 (0: off)")
+  if schedule == "warmup_cosine":
+    optim.check_warmup(warmup_steps, total_steps, horizons,
+                       warmup_field=f"{prefix}warmup_steps",
+                       steps_field=steps_field)
   lr_schedule = optim.make_schedule(schedule, learning_rate,
                                     total_steps=total_steps,
-                                    warmup_steps=warmup_steps)
+                                    warmup_steps=warmup_steps,
+                                    horizons=horizons)
   optimizer = optim.make_optimizer(name, lr_schedule, momentum=momentum,
                                    weight_decay=weight_decay,
                                    grad_clip_norm=grad_clip_norm,

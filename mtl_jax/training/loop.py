@@ -10,6 +10,7 @@ metrics to a `MetricWriter`.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -19,11 +20,58 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from mtl_jax.training import optim
 from mtl_jax.training import writers
 from mtl_jax.training.checkpoint import Checkpointer
 from mtl_jax.training.parallel import DataParallel
 from mtl_jax.training.state import TrainState
 from mtl_jax.training.step import COSINE_PREFIX
+
+
+# Checkpoint metadata key: the learning-rate schedule's cycle ends
+# (`optim.make_schedule`'s `horizons`), recorded when the run starts and each
+# time it is extended.
+HORIZONS_KEY = "schedule_horizons"
+
+
+def schedule_horizons(checkpoint_dir: str, total_steps: int) -> list[int]:
+  """The schedule's cycle ends for a run (re)started to `total_steps`.
+
+  A new run (no checkpoint in `checkpoint_dir`): `[total_steps]`. A resumed
+  one: the horizons recorded with its newest readable checkpoint (item
+  `HORIZONS_KEY` of its metadata), with a cycle over the added steps when
+  `total_steps` is larger (`optim.extend_horizons`). Every process of a run
+  reads the same checkpoint, so all build the same schedule. A checkpoint
+  saved without the record (an older version) gives `[total_steps]`, the
+  old behaviour, with a warning. Opens nothing when there is no checkpoint.
+  """
+  if not any(d.isdigit() for d in (os.listdir(checkpoint_dir)
+                                   if os.path.isdir(checkpoint_dir) else ())):
+    return [int(total_steps)]
+  reader = Checkpointer(checkpoint_dir)
+  try:
+    for step in reversed(reader.all_steps()):
+      try:
+        meta = reader.metadata(step)
+      except Exception:  # pylint: disable=broad-except  # damaged: older one
+        continue
+      if isinstance(meta, dict) and HORIZONS_KEY in meta:
+        horizons = optim.extend_horizons(meta[HORIZONS_KEY], total_steps)
+        if len(horizons) > len(meta[HORIZONS_KEY]):
+          logging.warning(
+              "extending the run from %d to %d steps: the learning-rate "
+              "schedule starts a new cycle over steps %d-%d (warm restart "
+              "at the peak learning rate; steps before %d keep their "
+              "learning rates)", horizons[-2], total_steps, horizons[-2],
+              total_steps, horizons[-2])
+        return horizons
+      break
+  finally:
+    reader.close()
+  logging.warning("the checkpoints in %s record no schedule horizon (an older "
+                  "version): the schedule is built over %d steps",
+                  checkpoint_dir, total_steps)
+  return [int(total_steps)]
 
 
 def _local(value: Any) -> np.ndarray:

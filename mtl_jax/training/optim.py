@@ -16,10 +16,49 @@ import optax
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+# warmup_steps=AUTO_WARMUP: `auto_warmup_steps(cycle length)`, which is valid
+# for every run length (an explicit count must be shorter than the cycle).
+AUTO_WARMUP = -1
+MAX_AUTO_WARMUP = 100
+
+
+def auto_warmup_steps(cycle_steps: int) -> int:
+  """The automatic warm-up of a cycle: `min(100, cycle_steps // 10)`."""
+  return min(MAX_AUTO_WARMUP, cycle_steps // 10)
+
+
+def resolve_warmup(warmup_steps: int, cycle_steps: int) -> int:
+  """`warmup_steps`, or the automatic one for `AUTO_WARMUP`."""
+  if warmup_steps == AUTO_WARMUP:
+    return auto_warmup_steps(cycle_steps)
+  return warmup_steps
+
+
+def extend_horizons(horizons: Sequence[int], total_steps: int) -> list[int]:
+  """The schedule's cycle ends after (re)starting a run with `total_steps`.
+
+  A run's schedule is fixed when it starts: one cycle over its `total_steps`
+  (`[total_steps]`). Extending it (resumed with a larger `total_steps`)
+  appends a cycle over the added steps; a resume with the same or a smaller
+  `total_steps` keeps the recorded cycles (a shortened run stops early,
+  without a faster decay).
+
+  Raises:
+    ValueError: `horizons` not strictly increasing positive integers.
+  """
+  horizons = [int(h) for h in horizons]
+  if any(h < 1 for h in horizons) or any(
+      b <= a for a, b in zip(horizons, horizons[1:])):
+    raise ValueError(f"schedule horizons must be increasing positive step "
+                     f"counts, got {horizons}")
+  if not horizons or total_steps > horizons[-1]:
+    return [*horizons, int(total_steps)]
+  return horizons
 
 
 def make_schedule(name: str, learning_rate: float, *, total_steps: int,
-                  warmup_steps: int = 0) -> optax.Schedule:
+                  warmup_steps: int = 0,
+                  horizons: Sequence[int] = ()) -> optax.Schedule:
   """A learning-rate schedule.
 
   Args:
@@ -27,26 +66,75 @@ def make_schedule(name: str, learning_rate: float, *, total_steps: int,
       "warmup_cosine" (linear warm-up for `warmup_steps`, then cosine to 0).
     learning_rate: peak learning rate.
     total_steps: length of the run.
-    warmup_steps: warm-up length for "warmup_cosine".
+    warmup_steps: warm-up length for "warmup_cosine" (of every cycle);
+      `AUTO_WARMUP` (-1): `min(100, cycle_steps // 10)`.
+    horizons: the ends of the cycles recorded when the run started and each
+      time it was extended (`extend_horizons(horizons, total_steps)` is
+      used; empty: one cycle over `total_steps`). Cycle i runs the schedule
+      afresh over steps `[horizons[i-1], horizons[i])` from the peak
+      learning rate (a warm restart: warm-up, then cosine to 0 at
+      `horizons[i]`); the learning rate at a step never depends on the
+      `total_steps` of a later extension. Past the last horizon (a shortened
+      run never gets there) the last value holds.
 
   Raises:
     ValueError: unknown name or out-of-range argument.
   """
   if not learning_rate > 0:
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown schedule {name!r}; valid: "
+                     f"{', '.join(SCHEDULES)}")
   if name == "constant":
     return optax.constant_schedule(learning_rate)
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1 for schedule {name!r}")
-  if name == "cosine":
-    return optax.cosine_decay_schedule(learning_rate, total_steps)
+  ends = extend_horizons(horizons, total_steps)
   if name == "warmup_cosine":
-    if not 0 <= warmup_steps < total_steps:
-      raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}),"
-                       f" got {warmup_steps}")
-    return optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, total_steps)
-  raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    check_warmup(warmup_steps, total_steps, horizons)
+  starts = [0, *ends[:-1]]
+  cycles = [_one_cycle(name, learning_rate, end - start, warmup_steps)
+            for start, end in zip(starts, ends)]
+  if len(cycles) == 1:
+    return cycles[0]
+  return optax.join_schedules(cycles, starts[1:])
+
+
+def _one_cycle(name: str, learning_rate: float, steps: int,
+               warmup_steps: int) -> optax.Schedule:
+  if name == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, steps)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, resolve_warmup(warmup_steps, steps), steps)
+
+
+def check_warmup(warmup_steps: int, total_steps: int,
+                 horizons: Sequence[int] = (), *,
+                 warmup_field: str = "warmup_steps",
+                 steps_field: str = "total_steps") -> None:
+  """Raises unless `warmup_steps` is `AUTO_WARMUP` or shorter than every
+  cycle of the schedule (`make_schedule`'s `horizons`); the message names
+  the fields as the caller's config does."""
+  if warmup_steps == AUTO_WARMUP:
+    return
+  if warmup_steps < 0:
+    raise ValueError(f"{warmup_field} must be >= 0 (or {AUTO_WARMUP}: "
+                     f"min({MAX_AUTO_WARMUP}, steps // 10)), got "
+                     f"{warmup_steps}")
+  ends = extend_horizons(horizons, total_steps)
+  for start, end in zip([0, *ends[:-1]], ends):
+    if warmup_steps < end - start:
+      continue
+    if start == 0:
+      where = f"{steps_field}={end}"
+    else:
+      where = (f"the {end - start} steps added when {steps_field} was "
+               f"extended from {start} to {end} (a new warm-up + cosine "
+               "cycle)")
+    raise ValueError(
+        f"{warmup_field}={warmup_steps} must be < {where}; lower "
+        f"{warmup_field}, or set it to {AUTO_WARMUP} (automatic: "
+        f"min({MAX_AUTO_WARMUP}, steps // 10))")
 
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
