@@ -237,12 +237,15 @@ def _make_weighting(config: ml_collections.ConfigDict,
   return weighting_lib.get_weighting(config.weighting.name, **kwargs)
 
 
-def check_config(config: ml_collections.ConfigDict) -> _Checked:
+def check_config(config: ml_collections.ConfigDict,
+                 horizons: tuple[int, ...] = ()) -> _Checked:
   """Validates the whole config in one pass, before any data is read or any
   parameter created, with the library's checks; returns what needs no data.
 
   Task names are checked against the dataset's tasks by `build_experiment`,
   right after the dataset is opened and before any mixture is built.
+  `horizons`: the learning-rate schedule's recorded cycles when resuming
+  (`loop.schedule_horizons`; empty: one cycle over config.num_steps).
 
   Raises:
     ValueError: an unknown name or an out-of-range value; the message names
@@ -259,7 +262,8 @@ def check_config(config: ml_collections.ConfigDict) -> _Checked:
       total_steps=config.num_steps, warmup_steps=o.warmup_steps,
       momentum=o.momentum, weight_decay=o.weight_decay,
       grad_clip_norm=o.grad_clip_norm, param_groups=_param_groups(o),
-      prefix="config.optimizer.")
+      horizons=horizons, prefix="config.optimizer.",
+      steps_field="config.num_steps")
   # Static weights are the tasks' (known with the dataset); their values are
   # checked here.
   weighting = _make_weighting(config, [float(w) for w in
@@ -308,7 +312,8 @@ def _param_counts(config: ml_collections.ConfigDict, model: Any,
       models_build.abstract_params(model, sample), single)
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict,
+                     horizons: tuple[int, ...] = ()) -> Experiment:
   """Turns the config into explicit library objects, validating it first.
 
   Raises:
@@ -317,7 +322,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       the message names the field. All but the task names are checked before
       the dataset is opened; those right after, before any mixture is built.
   """
-  checked = check_config(config)
+  checked = check_config(config, horizons)
   d, a = config.data, config.aggregation
   dataset = data_build.load_dataset(d.name, data_dir=d.data_dir or None,
                                     options=dict(d.options))
@@ -642,10 +647,12 @@ class _Selection:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the results dict."""
-  exp = build_experiment(config)  # validates before anything compiles
+  checkpoint_dir = os.path.join(workdir, transfer_lib.CHECKPOINT_DIR)
+  # The schedule's cycles recorded by the run (a new one when extended).
+  horizons = loop.schedule_horizons(checkpoint_dir, config.num_steps)
+  exp = build_experiment(config, tuple(horizons))  # validates before compiling
   par = exp.parallel
   is_main = jax.process_index() == 0  # only process 0 logs and writes files
-  checkpoint_dir = os.path.join(workdir, transfer_lib.CHECKPOINT_DIR)
   data_state = exp.train_mixture.initial_state()
   sample, _ = exp.train_mixture.batch(data_state)
   host_state = initial_state(exp, sample["inputs"], config.seed)
@@ -667,7 +674,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   checkpointer = checkpoint_lib.Checkpointer(
       checkpoint_dir, max_to_keep=config.max_checkpoints_to_keep,
-      metadata={"tasks": list(exp.tasks.names)})
+      metadata={"tasks": list(exp.tasks.names),
+                loop.HORIZONS_KEY: horizons})
   try:
     state, data_state = _restore(checkpointer, exp, host_state, data_state,
                                  workdir, is_main, config.allow_task_change)
