@@ -45,15 +45,16 @@ Methods (each after a StandardScaler on X):
                2 cores its run time rules out the other two).
   logreg       one LogisticRegression per target on its rows (classes).
 A joint method needs complete rows: with fewer than `MIN_COMPLETE_ROWS` it is
-not fitted ("n/a" in the tables, with how many seeds it could be fitted).
+not fitted ("n/a" in the tables, with how many seeds it could be fitted), and
+with fewer than `MIN_EARLY_STOPPING_ROWS` the MLP runs without early stopping.
 
 Writes to `--results`: `fits.jsonl` (one line per fit: per-target scores, fit
 time), `summary.json`, `results.md` and `results.csv` (mean over targets),
 `per_target.md` (every target's score, mean and 95% CI over seeds),
 `tabular.png` (score against the missing rate, per problem),
-`gradnorm_weights.json`/`.md`/`.png` (the weights GradNorm and uncertainty
-weighting learn on the gradnorm problem, per task and its sigma, over the
-epochs). Progress (fits done, elapsed, ETA) goes to the log.
+`gradnorm_weights.json`/`.md`/`.png` (`weight_study`: the weights GradNorm
+and uncertainty weighting learn on the gradnorm problem with the targets'
+scales kept, per task and its sigma, over 100 epochs). Progress (fits done, elapsed, ETA) goes to the log.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ PROBLEMS = ("linnerud", "gradnorm", "correlated", "multilabel")
 # gradnorm problem took 274 s (2 shared cores), 63 s for correlated's 5.
 HGB_PROBLEMS = ("linnerud", "multilabel")
 MIN_COMPLETE_ROWS = 5
+# Fewer complete rows: the joint MLP is fitted without early stopping.
+MIN_EARLY_STOPPING_ROWS = 50
 
 _RESULTS = flags.DEFINE_string("results", "runs/tabular", "Output directory.")
 _PROBLEMS = flags.DEFINE_list("problems", list(PROBLEMS), "Problems to run.")
@@ -103,6 +106,9 @@ _MISSING = flags.DEFINE_list("missing_rates", ["0", "0.3", "0.6", "0.9"],
 _SEEDS = flags.DEFINE_integer("num_seeds", 5, "Seeds per setting.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 200,
                                    "max_iter of the neural models.")
+_WEIGHT_SEEDS = flags.DEFINE_integer(
+    "weight_seeds", 3, "Seeds of the weight study on the gradnorm problem "
+    "(`weight_study`; 0: skip it).")
 
 
 # --- problems --------------------------------------------------------------
@@ -209,7 +215,12 @@ class CompleteRows:
     if self.classes and any(np.unique(Y[:, j]).size < 2
                             for j in range(Y.shape[1])):
       raise _NotApplicable("a target has one class in the complete rows")
-    self.model_ = clone(self.estimator).fit(X[rows], Y)
+    model = clone(self.estimator)
+    if rows.sum() < MIN_EARLY_STOPPING_ROWS:
+      # MLP's early stopping needs validation rows among the complete ones.
+      model.set_params(**{k: False for k in model.get_params()
+                          if k.endswith("early_stopping")})
+    self.model_ = model.fit(X[rows], Y)
     return self
 
   def predict(self, X):
@@ -459,64 +470,104 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   plt.close(fig)
 
 
-def gradnorm_weights(records: list[dict[str, Any]], out_dir: str) -> None:
-  """The learned weights on the gradnorm problem at 0% missing, per task."""
+WEIGHT_METHODS = {"mtl_raw": ("equal", None),
+                  "mtl_gradnorm_raw": ("gradnorm", None),
+                  "mtl_uncertainty_raw": ("uncertainty",
+                                          {"learning_rate": 1e-2})}
+
+
+def weight_study(out_dir: str, num_seeds: int = 3, epochs: int = 100,
+                 n: int = 2000, dim: int = 250) -> dict[str, Any]:
+  """What GradNorm and uncertainty weighting learn on the gradnorm problem.
+
+  The targets keep their scales (`standardize_targets=False`), every fit runs
+  `epochs` epochs (no early stopping, so the weights have time to settle),
+  on all `n` rows (none missing). Reported per task: the final weights, and
+  for uncertainty weighting the ratio of its weight to its equilibrium
+  `1 / (2 L_k)` (where d/ds_k = 0, `L_k` the task's mean training loss in
+  the last epoch); for both, the slope of log w against log sigma.
+
+  Writes `gradnorm_weights.json`, `.md` and `.png` to `out_dir`.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  _, _, sigmas = gradnorm_problem(10, 0)
-  summary = {"sigmas": sigmas.tolist()}
-  lines = ["| task | sigma | " + " | ".join(
-      ["equal (raw)", "GradNorm (raw)", "uncertainty (raw)"]) + " |",
-           "|---|---|---|---|---|"]
+  sigmas = None
+  finals = {m: [] for m in WEIGHT_METHODS}
+  losses = {m: [] for m in WEIGHT_METHODS}
   curves = {}
-  for method in ("mtl_raw", "mtl_gradnorm_raw", "mtl_uncertainty_raw"):
-    rs = [r for r in records if r["problem"] == "gradnorm" and
-          r["method"] == method and r["missing"] == 0 and "task_weights" in r]
-    if not rs:
-      return
-    final = np.array([r["task_weights"][-1] for r in rs])
-    summary[method] = {"final_mean": final.mean(0).tolist(),
-                       "final_std": final.std(0).tolist(),
-                       "seeds": len(rs)}
-    curves[method] = np.array(rs[0]["task_weights"])
-  for i, s in enumerate(sigmas):
-    lines.append(f"| y{i} | {s:.1f} | " + " | ".join(
-        f"{summary[m]['final_mean'][i]:.3g} ± {summary[m]['final_std'][i]:.2g}"
-        for m in ("mtl_raw", "mtl_gradnorm_raw", "mtl_uncertainty_raw")) +
-                 " |")
-  for m in ("mtl_gradnorm_raw", "mtl_uncertainty_raw"):
-    w = np.array(summary[m]["final_mean"])
-    summary[m]["slope_log_w_vs_log_sigma"] = float(
-        np.polyfit(np.log(sigmas), np.log(w), 1)[0])
+  for seed in range(num_seeds):
+    X, Y, sigmas = gradnorm_problem(n, seed, dim=dim)
+    X = StandardScaler().fit_transform(X)
+    for method, (weighting, options) in WEIGHT_METHODS.items():
+      est = MultiTaskRegressor(
+          weighting=weighting, weighting_options=options,
+          standardize_targets=False, max_iter=epochs, tol=0.0,
+          n_iter_no_change=epochs + 1, random_state=seed)
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, Y)
+      finals[method].append(est.task_weight_curve_[-1])
+      losses[method].append(est.task_loss_curve_[-1])
+      if seed == 0:
+        curves[method] = est.task_weight_curve_
+  summary: dict[str, Any] = {"sigmas": sigmas.tolist(), "epochs": epochs,
+                             "seeds": num_seeds, "rows": n}
+  for method in WEIGHT_METHODS:
+    w = np.array(finals[method])
+    summary[method] = {"final_mean": w.mean(0).tolist(),
+                       "final_std": w.std(0).tolist(),
+                       "final_loss_mean": np.mean(losses[method], 0).tolist()}
+    if method != "mtl_raw":
+      summary[method]["slope_log_w_vs_log_sigma"] = float(
+          np.polyfit(np.log(sigmas), np.log(w.mean(0)), 1)[0])
+  ratio = np.array(finals["mtl_uncertainty_raw"]) * 2 * np.array(
+      losses["mtl_uncertainty_raw"])
+  summary["mtl_uncertainty_raw"]["w_times_2L_mean"] = ratio.mean(0).tolist()
   with open(os.path.join(out_dir, "gradnorm_weights.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  lines = [
+      f"{num_seeds} seeds, {epochs} epochs on {n} rows, targets not "
+      "standardised; weights at the last step, mean ± std over seeds. "
+      "Slope of log w against log sigma: GradNorm "
+      f"{summary['mtl_gradnorm_raw']['slope_log_w_vs_log_sigma']:.2f}, "
+      "uncertainty "
+      f"{summary['mtl_uncertainty_raw']['slope_log_w_vs_log_sigma']:.2f}. "
+      "w·2L: uncertainty's weight over its equilibrium 1/(2L), L the "
+      "task's training loss in the last epoch.", "",
+      "| task | sigma | GradNorm w | uncertainty w | uncertainty w·2L |",
+      "|---|---|---|---|---|"]
+  g = summary["mtl_gradnorm_raw"]
+  u = summary["mtl_uncertainty_raw"]
+  for i, sigma in enumerate(sigmas):
+    lines.append(
+        f"| y{i} | {sigma:.1f} | {g['final_mean'][i]:.3g} ± "
+        f"{g['final_std'][i]:.2g} | {u['final_mean'][i]:.3g} ± "
+        f"{u['final_std'][i]:.2g} | {u['w_times_2L_mean'][i]:.2f} |")
   with open(os.path.join(out_dir, "gradnorm_weights.md"), "w") as f:
-    f.write("Weights at the last step (mean ± std over seeds), 0% missing, "
-            "targets not standardised; slope of log w against log sigma: "
-            f"GradNorm {summary['mtl_gradnorm_raw']['slope_log_w_vs_log_sigma']:.2f}, "
-            f"uncertainty "
-            f"{summary['mtl_uncertainty_raw']['slope_log_w_vs_log_sigma']:.2f}"
-            "\n\n" + "\n".join(lines) + "\n")
+    f.write("\n".join(lines) + "\n")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, m, title in zip(axes, ("mtl_gradnorm_raw", "mtl_uncertainty_raw"),
-                          ("GradNorm", "uncertainty")):
-    c = curves[m]
-    for i, s in enumerate(sigmas):
-      ax.plot(np.arange(1, len(c) + 1), c[:, i], label=f"σ={s:.1f}",
+  for ax, method, title in zip(axes, ("mtl_gradnorm_raw",
+                                      "mtl_uncertainty_raw"),
+                               ("GradNorm", "uncertainty weighting")):
+    c = curves[method]
+    for i, sigma in enumerate(sigmas):
+      ax.plot(np.arange(1, len(c) + 1), c[:, i], label=f"σ={sigma:.1f}",
               color=plt.cm.viridis(i / max(1, len(sigmas) - 1)))
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("task weight (mean over the epoch's last step)")
-    ax.set_title(f"{title} (seed 0)")
+    ax.set_ylabel("task weight (last step of the epoch)")
+    ax.set_title(f"{title}, seed 0")
     ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "gradnorm_weights.png"), dpi=110)
   plt.close(fig)
+  return summary
 
 
 def run(problems: list[str], rates: list[float], num_seeds: int,
-        max_epochs: int, out_dir: str) -> list[dict[str, Any]]:
+        max_epochs: int, out_dir: str, weight_seeds: int = 0
+        ) -> list[dict[str, Any]]:
   """Runs (or, from `fits.jsonl`, skips) every setting; writes the outputs.
 
   Returns:
@@ -576,8 +627,8 @@ def run(problems: list[str], rates: list[float], num_seeds: int,
     for r in rows:
       f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
   plot(rows, os.path.join(out_dir, "tabular.png"))
-  if "gradnorm" in problems and 0.0 in rates:
-    gradnorm_weights(records, out_dir)
+  if weight_seeds:
+    weight_study(out_dir, num_seeds=weight_seeds)
   return rows
 
 
@@ -585,7 +636,8 @@ def main(argv):
   del argv
   try:
     rows = run(_PROBLEMS.value, [float(m) for m in _MISSING.value],
-               _SEEDS.value, _MAX_EPOCHS.value, _RESULTS.value)
+               _SEEDS.value, _MAX_EPOCHS.value, _RESULTS.value,
+               weight_seeds=_WEIGHT_SEEDS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(to_markdown(rows))

@@ -45,8 +45,9 @@ Conventions (scikit-learn's, and where they depart from `MLPRegressor`):
   column names for a DataFrame, else "y0", "y1", ...), `loss_curve_`,
   `validation_loss_curve_`/`best_validation_loss_` (early stopping),
   `n_iter_` (epochs), `t_` (steps), `task_weights_` (the weighting's weights
-  at the last step, `{task: w}`) and `task_weight_curve_` (their mean per
-  epoch, `[epochs, k]`), `y_mean_`/`y_scale_` (regression), `classes_`
+  at the last step, `{task: w}`), `task_weight_curve_` (the weights at each
+  epoch's last step, `[epochs, k]`) and `task_loss_curve_` (each target's
+  mean training loss per epoch, `[epochs, k]`), `y_mean_`/`y_scale_` (regression), `classes_`
   (classification: an array, or a list of arrays for several targets).
 
 Compiled programs are cached per process by problem structure (architecture,
@@ -380,6 +381,7 @@ class _MultiTaskEstimator(BaseEstimator):
       self.n_iter_ = 0
       self.loss_curve_ = []
       self.task_weight_curve_ = np.zeros((0, len(heads)))
+      self.task_loss_curve_ = np.zeros((0, len(heads)))
       self.validation_loss_curve_ = [] if self.early_stopping else None
       self.best_validation_loss_ = (np.inf if self.early_stopping else
                                     None)
@@ -405,12 +407,14 @@ class _MultiTaskEstimator(BaseEstimator):
     names = program.tasks.names
     converged = incremental
     for _ in range(epochs):
-      state, train_loss, weights = self._epoch(
+      state, train_loss, weights, task_losses = self._epoch(
           program, state, X, labels, masks, train_rows, rng)
       self.n_iter_ += 1
       self.loss_curve_.append(train_loss)
       self.task_weight_curve_ = np.concatenate(
           [self.task_weight_curve_, weights[None]])
+      self.task_loss_curve_ = np.concatenate(
+          [self.task_loss_curve_, task_losses[None]])
       monitored = train_loss
       if val_rows is not None:
         monitored = self._mean_loss(program, state.params, X[val_rows],
@@ -468,7 +472,8 @@ class _MultiTaskEstimator(BaseEstimator):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
   def _epoch(self, program, state, X, labels, masks, rows, rng):
-    """One shuffled pass over `rows`; returns (state, mean loss, weights)."""
+    """One shuffled pass over `rows`: (state, mean loss over tasks, the
+    weights at the last step, each task's mean loss (NaN if unlabelled))."""
     names = program.tasks.names
     b = int(self.batch_size)
     perm = rng.permutation(rows)
@@ -505,8 +510,10 @@ class _MultiTaskEstimator(BaseEstimator):
         counts[j] += float(np.sum(c))
         weights[j] = float(metrics[f"{t}/weight"][on][-1])
     seen = counts > 0
-    mean = float(np.mean(sums[seen] / counts[seen])) if seen.any() else 0.0
-    return state, mean, weights
+    per_task = np.full(len(names), np.nan)
+    per_task[seen] = sums[seen] / counts[seen]
+    mean = float(np.mean(per_task[seen])) if seen.any() else 0.0
+    return state, mean, weights, per_task
 
   def _raw_predict(self, program, params, X) -> dict[str, np.ndarray]:
     """The model's outputs for every row, `_PREDICT_ROWS` rows at a time."""

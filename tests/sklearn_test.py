@@ -87,6 +87,10 @@ def test_rows_without_any_target_change_nothing():
   np.testing.assert_allclose(b.predict(X), a.predict(X), rtol=1e-4,
                              atol=1e-4)
   np.testing.assert_allclose(b.loss_curve_, a.loss_curve_, rtol=1e-5)
+  # The epoch's loss is the mean over targets of each target's mean loss.
+  assert b.task_loss_curve_.shape == (30, 3)
+  np.testing.assert_allclose(b.task_loss_curve_.mean(axis=1), b.loss_curve_,
+                             rtol=1e-12)
 
 
 def test_targets_are_standardised_and_mapped_back():

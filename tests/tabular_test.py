@@ -95,3 +95,26 @@ def test_tiny_run_writes_outputs_and_a_rerun_fits_nothing(tmp_path,
   assert again == rows
   with pytest.raises(ValueError, match="unknown problem 'iris'"):
     tabular.run(["iris"], [0.0], 1, 3, str(tmp_path))
+
+
+def test_weight_study_reports_weights_and_the_uncertainty_equilibrium(
+    tmp_path, monkeypatch):
+  # GradNorm's weights summing to K are tested in sklearn_test; here its slot
+  # runs equal weights (one program less to compile).
+  monkeypatch.setitem(tabular.WEIGHT_METHODS, "mtl_gradnorm_raw",
+                      ("equal", None))
+  summary = tabular.weight_study(str(tmp_path), num_seeds=1, epochs=2, n=64,
+                                 dim=8)
+  u = summary["mtl_uncertainty_raw"]
+  np.testing.assert_allclose(
+      u["w_times_2L_mean"],
+      2 * np.array(u["final_mean"]) * np.array(u["final_loss_mean"]))
+  assert summary["mtl_raw"]["final_mean"] == [1.0] * 8  # equal weights
+  u_w = np.array(u["final_mean"])
+  # w = 0.5 exp(-s), s from 0: the sigma=100 task's loss >> 1 raises its s.
+  assert u["final_loss_mean"][-1] > 100 and 0 < u_w[-1] < 0.5
+  assert u_w[-1] < u_w[0]
+  with open(tmp_path / "gradnorm_weights.md") as f:
+    table = f.read()
+  assert table.count("\n| y") == 8 and "| y7 | 100.0 |" in table
+  assert os.path.getsize(tmp_path / "gradnorm_weights.png") > 10_000
