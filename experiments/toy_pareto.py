@@ -218,8 +218,10 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str
   n = len(results)
   ncols = min(n, 5)
   nrows = -(-n // ncols)
+  legend_cols = 8 if ncols >= 4 else 4 if ncols >= 2 else 2
+  strip = 0.25 + 0.2 * -(-8 // legend_cols)  # inches below the panels
   fig, axes = plt.subplots(nrows, ncols,
-                           figsize=(3.2 * ncols, 3.2 * nrows + 0.9),
+                           figsize=(3.2 * ncols, 3.2 * nrows + strip),
                            squeeze=False)
   colors = plt.cm.tab10(np.arange(len(INITS)))
   for ax, (name, r) in zip(axes.ravel(), results.items()):
@@ -247,11 +249,10 @@ def plot(results: dict[str, dict], front_x: np.ndarray, path: str
       mlines.Line2D([], [], color="k", lw=2.5, alpha=0.8, label="Pareto set"),
       mpatches.Patch(color="grey", alpha=0.6,
                      label="mean loss (f1 + f2) / 2 (darker: higher)")]
-  legend = fig.legend(handles=handles, loc="lower center",
-                      ncol=8 if ncols >= 4 else 4, fontsize=8, frameon=False)
-  bottom = 0.9 / (3.2 * nrows + 0.9)  # the legend's strip, as a fraction
-  fig.tight_layout(rect=(0, bottom, 1, 1))
-  fig.savefig(path, dpi=110)
+  legend = fig.legend(handles=handles, loc="lower center", ncol=legend_cols,
+                      fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, strip / (3.2 * nrows + strip), 1, 1))
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return {"axis_labels": (axes[0, 0].get_xlabel(), axes[0, 0].get_ylabel()),
           "legend": [t.get_text() for t in legend.get_texts()]}
