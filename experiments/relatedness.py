@@ -91,6 +91,7 @@ from experiments.protocols import stats
 from mtl_jax import relatedness as relatedness_lib
 from mtl_jax.gradients import forward as forward_lib
 from mtl_jax.training import checkpoint as checkpoint_lib
+from mtl_jax.training import loop as loop_lib
 
 # The default of --protocol (`sweep_lib.PROTOCOL`, the flag the protocol
 # scripts share).
@@ -333,7 +334,11 @@ def measure(workdir: str, *, measure_every: int, num_batches: int,
     raise ValueError(f"the run in {workdir!r} has pretext tasks "
                      f"({config.pretext.names}): relatedness measures the "
                      "supervised tasks of a run without pretexts")
-  exp = train.build_experiment(config)
+  # The run's own schedule, extensions included (the cycles its checkpoints
+  # record): the lookahead steps at the learning rate the run used.
+  horizons = loop_lib.schedule_horizons(
+      os.path.join(workdir, learnability.CHECKPOINT_DIR), config.num_steps)
+  exp = train.build_experiment(config, tuple(horizons))
   mixture = exp.train_mixture
   sample, _ = mixture.batch(mixture.initial_state())
   steps = measured_steps(workdir, measure_every,
