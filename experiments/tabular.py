@@ -96,6 +96,8 @@ PROBLEMS = ("linnerud", "gradnorm", "correlated", "multilabel")
 # gradnorm problem took 274 s (2 shared cores), 63 s for correlated's 5.
 HGB_PROBLEMS = ("linnerud", "multilabel")
 MIN_COMPLETE_ROWS = 5
+# The plot's lowest R² (the tables hold the values below it).
+R2_FLOOR = -3.0
 # Fewer complete rows: the joint MLP is fitted without early stopping.
 MIN_EARLY_STOPPING_ROWS = 50
 
@@ -460,7 +462,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
              [p[3] - p[1] if math.isfinite(p[3]) else 0 for p in pts]]
       ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method,
                   linewidth=2.2 if method.startswith("mtl") else 1.2)
-    ax.set_title(problem)
+    low = min((r["ci_low"] if math.isfinite(r["ci_low"]) else r["score"])
+              for r in sub) if sub else 0.0
+    if problem != "multilabel" and low < R2_FLOOR:
+      # A method far below 0 R² (worse than the mean) would flatten the
+      # others: the axis stops at R2_FLOOR, the tables hold the values.
+      ax.set_ylim(R2_FLOOR, 1.05)
+      ax.set_title(f"{problem} (axis clipped at R² = {R2_FLOOR})")
+    else:
+      ax.set_title(problem)
     ax.set_xlabel("% of training targets missing")
     ax.set_ylabel("accuracy" if problem == "multilabel" else "mean R²")
     ax.grid(alpha=0.3)
