@@ -35,6 +35,7 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
+from experiments import cli
 from experiments.configs import methods
 from experiments.configs import pretexts as pretexts_config
 from experiments.protocols import stats
@@ -58,10 +59,17 @@ from mtl_jax.training import step as step_lib
 from mtl_jax.training import transfer as transfer_lib
 from mtl_jax.training import writers
 
+DEFAULT_CONFIG = "experiments/configs/multi_digits.py"
+if __name__ == "__main__":  # before the flag reads sys.argv's overrides
+  cli.check_command_line(sys.argv, "config", DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/multi_digits.py",
+    "config", DEFAULT_CONFIG,
     "Experiment config file (ml_collections); override fields with "
-    "--config.<field>=<value>.")
+    "--config.<field>=<value>. --print_config lists the fields and their "
+    "values (after the overrides) and exits.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (the --config file "
+    "with its --config.<field> overrides) as JSON and exit without training.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it "
                                "holds a run of the same config).")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -737,6 +745,9 @@ def _write_json(path: str, value: Any) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:
+    print(config_json(_CONFIG.value))
+    return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   if _DISTRIBUTED.value or _COORDINATOR.value:
@@ -757,5 +768,15 @@ def main(argv):
     sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
 
 
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """The config as `--print_config` shows it: JSON, keys sorted."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run`'s flags parser: a config mistake is one line, exit code 2."""
+  return cli.parse_flags(argv, "config", DEFAULT_CONFIG)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
