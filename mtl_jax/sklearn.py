@@ -157,7 +157,10 @@ class _Program:
         learning_rate=1e-3, weight_decay=weight_decay)
     step = step_lib.make_train_step(
         self.model.apply, self.tasks, self.optimizer, self.weighting,
-        aggregator=self.aggregator, **spec.step_kwargs())
+        aggregator=self.aggregator, **spec.step_kwargs(),
+        # A non-finite loss ends the fit with an error (`_epoch`), so the
+        # step's own skip-and-continue guard would only add compile time.
+        skip_nonfinite=False)
     names = self.tasks.names
 
     def run(state, batches, active):

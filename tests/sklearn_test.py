@@ -255,3 +255,13 @@ def test_non_numeric_inputs_are_refused():
     _small().fit(X, Y)
   with pytest.raises(ValueError, match="Y must be numeric"):
     _small().fit(X[:, :2].astype(float), np.array([["a"]] * 10))
+
+
+def test_a_non_finite_loss_is_a_clear_error_and_keeps_the_fitted_model():
+  X, Y = _regression()
+  est = _small(max_iter=2, tol=0.0).fit(X, Y)  # 2 epochs, then epoch 3:
+  before = est.predict(X)
+  with pytest.raises(ValueError, match="loss became NaN/Inf at epoch 3; "
+                     "lower learning_rate"):
+    est.set_params(warm_start=True).fit(X * 1e30, Y)
+  np.testing.assert_array_equal(est.predict(X), before)
