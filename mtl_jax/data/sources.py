@@ -14,6 +14,10 @@ shapes3d) work the same as small ones.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import json
+import os
+import shutil
+import sys
 from typing import Any, Protocol
 
 import jax
@@ -113,10 +117,90 @@ def stack_records(records: Sequence[Mapping[str, Any]]) -> Features:
   return out
 
 
-def prepare_command(name: str, data_dir: str | None) -> str:
-  """The shell command that prepares `name` in the array_record format."""
+def _path_note() -> str:
+  """Where `tfds` is when it is not on the PATH: a virtualenv's `bin/` is
+  not on it unless the virtualenv is activated."""
+  local = os.path.join(os.path.dirname(sys.executable), "tfds")
+  if shutil.which("tfds") or not os.path.exists(local):
+    return ""
+  return (f"; `tfds` is {local}, not on the PATH (activate the virtualenv, "
+          "or call it by that path)")
+
+
+def prepare_command(names: str | Sequence[str], data_dir: str | None) -> str:
+  """The shell command that prepares the TFDS dataset(s) `names` in the
+  array_record format."""
+  names = [names] if isinstance(names, str) else list(names)
   target = f" --data_dir={data_dir}" if data_dir else ""
-  return f"tfds build {name}{target} --file_format=array_record"
+  return f"tfds build {' '.join(names)}{target} --file_format=array_record"
+
+
+# How `tfds build` is made to work: TFDS builds datasets with TensorFlow,
+# which mtl-jax does not depend on (it reads the array_record files without
+# it).
+PREPARE_NOTE = (
+    "`tfds build` needs TensorFlow, which mtl-jax does not install (pip "
+    "install tensorflow-cpu), and internet access (some datasets need a "
+    "manual download first, see their TFDS catalog page)")
+
+
+class NotPreparedError(FileNotFoundError):
+  """A TFDS dataset is not prepared for random access.
+
+  Attributes:
+    names: the TFDS names that are missing.
+    missing: what was looked for and not found, per name.
+    data_dir: the data directory looked in.
+  """
+
+  def __init__(self, missing: Mapping[str, str], data_dir: str | None):
+    self.names = tuple(missing)
+    self.missing = dict(missing)
+    self.data_dir = data_dir
+    what = "; ".join(f"{n}: {m}" for n, m in self.missing.items())
+    super().__init__(
+        f"TFDS dataset{'s' if len(self.names) > 1 else ''} "
+        f"{', '.join(self.names)} {'are' if len(self.names) > 1 else 'is'} "
+        f"not prepared for random access in "
+        f"data_dir={data_dir or '~/tensorflow_datasets'} ({what}). "
+        f"{PREPARE_NOTE}{_path_note()}. Prepare "
+        f"{'them' if len(self.names) > 1 else 'it'} "
+        f"once with:\n  {prepare_command(self.names, data_dir)}")
+
+
+def merge_not_prepared(errors: Sequence[NotPreparedError]
+                       ) -> NotPreparedError:
+  """One error naming every dataset of `errors` (same data_dir), with one
+  command that prepares them all."""
+  missing = {}
+  for e in errors:
+    missing.update(e.missing)
+  return NotPreparedError(missing, errors[0].data_dir)
+
+
+def _what_is_missing(name: str, split: str, data_dir: str | None,
+                     error: Exception) -> str:
+  """What `tfds.data_source(name, split, data_dir)` looked for and did not
+  find: the version directory, or a dataset prepared in another format."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    version_dir = os.fspath(builder.data_dir)
+  except Exception:  # pylint: disable=broad-except  # an unknown name
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+  info_path = os.path.join(version_dir, "dataset_info.json")
+  if not os.path.exists(info_path):
+    return f"no {info_path} (version {builder.version})"
+  try:
+    with open(info_path) as f:
+      file_format = json.load(f).get("fileFormat", "tfrecord")
+  except (OSError, ValueError):
+    file_format = "unknown"
+  if file_format not in ("array_record", "parquet"):
+    return (f"{version_dir} holds it in the {file_format} format, which "
+            "cannot be read by index: delete that directory and prepare it "
+            "again")
+  return (f"split {split!r} not readable in {version_dir}: "
+          f"{type(error).__name__}: {str(error).splitlines()[0]}")
 
 
 class TfdsSource:
@@ -131,8 +215,9 @@ class TfdsSource:
       task set does not use saves decoding time (e.g. smallnorb's `image2`).
 
   Raises:
-    FileNotFoundError: the dataset is not prepared under `data_dir` in a
-      random-access format; the message gives the command that prepares it.
+    NotPreparedError: (a FileNotFoundError) the dataset is not prepared
+      under `data_dir` in a random-access format; the message says what was
+      looked for and gives the command that prepares it.
     ValueError: `features` names a feature the dataset does not have.
   """
 
@@ -143,13 +228,8 @@ class TfdsSource:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                       download=False)
     except Exception as e:  # TFDS raises several types for "not there"
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} (split {split!r}) is not prepared for "
-          f"random access in data_dir={data_dir or '~/tensorflow_datasets'}: "
-          f"{type(e).__name__}: {str(e).splitlines()[0]}\nPrepare it once "
-          "(needs internet; some datasets need a manual download first, see "
-          "the TFDS catalog page), with the array_record file format:\n  "
-          f"{prepare_command(name, data_dir)}") from e
+      raise NotPreparedError(
+          {name: _what_is_missing(name, split, data_dir, e)}, data_dir) from e
     available = tuple(self._source.dataset_info.features.keys())
     if features is not None:
       unknown = sorted(set(features) - set(available))

@@ -22,8 +22,10 @@ restricts the components with `mixture.restrict`, and semi-supervised studies
 drop labels with `mixture.split_by_label_fraction`.
 
 Datasets must be prepared once in the array_record format (the error for a
-missing one gives the command), e.g.
+missing one says what was looked for and gives the command), e.g.
   tfds build smallnorb --file_format=array_record
+`tfds build` needs TensorFlow, which mtl-jax does not install
+(`pip install tensorflow-cpu`); it is in the virtualenv's `bin/`.
 Tests use `tfds.testing.mock_data`, under which every function here works
 unchanged (the task sets are read from the TFDS features).
 """
