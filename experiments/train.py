@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import os
 import sys
+import time
 from typing import Any, NamedTuple
 
 from absl import app
@@ -565,6 +567,7 @@ def _train(config: ml_collections.ConfigDict, exp: Experiment, state: Any,
   par = exp.parallel
   train_step = compile_train_step(exp, state)
   writer = writers.MetricWriter(workdir, enabled=is_main)
+  writer.write_hparams(hyperparameters(config))
   make = functools.partial(evaluate_lib.make_evaluate, exp.model.apply,
                            exp.tasks, parallel=par, params_like=state.params)
   evaluate_test = make(exp.eval_stream)
@@ -653,8 +656,63 @@ class _Selection:
     self.checkpointer.close()
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the results dict."""
+def summary(config: ml_collections.ConfigDict, exp: Experiment
+            ) -> dict[str, Any]:
+  """What a run is, in a few words: printed at its start (`--workdir`
+  added), kept in results.json (`"run"`) and in every line of runs.jsonl."""
+  m, a = config.model, config.aggregation
+  par = exp.parallel
+  return {
+      "dataset": config.data.name,
+      "architecture": m.architecture, "trunk": m.trunk,
+      "weighting": config.weighting.name,
+      "aggregation": a.name + (" (rep_grad)" if a.rep_grad else ""),
+      "tasks": list(exp.tasks.names),
+      "num_devices": par.num_devices,
+      "device_kind": jax.devices()[0].device_kind,
+      "num_processes": jax.process_count(),
+      "parallelism": config.parallelism, "sharding": config.sharding,
+  }
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's main hyperparameters, flattened (for TensorBoard): the
+  run's size, data, model, optimizer, and the options of its weighting and
+  aggregation only (not every method's block)."""
+  m, w, a = config.model, config.weighting.name, config.aggregation.name
+  keep = ("seed", "tasks", "batch_size", "num_steps", "parallelism",
+          "sharding", "mesh.data", "data.name", "data.options.",
+          "data.label_fractions.", "data.validation_fraction",
+          "model.architecture", "model.trunk", "model.hidden_sizes",
+          "model.head_hidden_sizes", "model.dropout_rate",
+          f"model.{m.architecture}.", "optimizer.", "weighting.name",
+          f"weighting.{w}.", "aggregation.name", "aggregation.rep_grad",
+          f"aggregation.{a}.", "task_weights.", "pretext.names")
+  return {k: v for k, v in run_config.flatten(config.to_dict()).items()
+          if any(k == p or (p.endswith(".") and k.startswith(p))
+                 for p in keep)}
+
+
+def _start_record(config: ml_collections.ConfigDict, exp: Experiment,
+                  checkpoint_dir: str, command_line: list[str] | None
+                  ) -> dict[str, Any]:
+  """One line of runs.jsonl (without the config or its changes)."""
+  steps = transfer_lib.checkpoint_steps(checkpoint_dir)
+  return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "command_line": command_line,
+          "start_step": max(steps) if steps else 0,
+          "num_steps": config.num_steps, "mesh_data": config.mesh.data,
+          "platform": jax.devices()[0].platform, **summary(config, exp)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        command_line: list[str] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the results dict.
+
+  `command_line`: the arguments the run was started with, recorded in
+  runs.jsonl (None: not started from the command line).
+  """
+  start_time = time.perf_counter()
   checkpoint_dir = os.path.join(workdir, transfer_lib.CHECKPOINT_DIR)
   # The schedule's cycles recorded by the run (a new one when extended).
   horizons = loop.schedule_horizons(checkpoint_dir, config.num_steps)
@@ -670,10 +728,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     host_state, init_record = _init_from(config, exp, host_state,
                                          sample["inputs"])
   run_config.check_writable(workdir)
-  run_config.check_or_write(
+  changed = run_config.check_or_write(
       workdir, config.to_dict(),
       MAY_DIFFER + (TASK_CHANGE_MAY_DIFFER if config.allow_task_change
                     else ()), write=is_main)
+  start = _start_record(config, exp, checkpoint_dir, command_line)
+  if is_main:
+    run_config.append_start(workdir, start, config.to_dict(), changed)
+  logging.info(
+      "run: %s on %s (%s trunk); weighting %s, aggregation %s; tasks %s; "
+      "%d %s device(s), %d process(es), %s (%s); steps %d -> %d; workdir %s",
+      start["dataset"], start["architecture"], start["trunk"],
+      start["weighting"], start["aggregation"], ",".join(start["tasks"]),
+      start["num_devices"], start["device_kind"], start["num_processes"],
+      start["parallelism"], start["sharding"], start["start_step"],
+      config.num_steps, os.path.abspath(workdir))
   if init_record is not None and is_main:
     _write_json(os.path.join(workdir, INIT_FROM_FILE), init_record)
   logging.info("tasks %s; labelled training examples %s; unlabelled pool %d "
@@ -692,7 +761,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   finally:
     checkpointer.close()
 
+  history = run_config.read_history(workdir)
   results = {
+      "run": summary(config, exp),
+      # This start's time, from reading the config to the results; `starts`
+      # counts the run's starts (runs.jsonl holds each).
+      "wall_time_sec": time.perf_counter() - start_time,
+      "starts": len(history),
+      "first_start": history[0]["time"] if history else None,
       "steps": par.step_of(state),
       "num_devices": par.num_devices,
       "num_processes": jax.process_count(),
@@ -725,7 +801,7 @@ def _write_outputs(workdir: str, exp: Experiment,
                       os.path.join(workdir, "curves.png"), exp.tasks.names,
                       eval_keys, eval_split=VALIDATION if
                       exp.validation_stream is not None else "eval")
-  print("test metrics:", json.dumps(
+  print("eval metrics (test split; results.json \"eval\"):", json.dumps(
       {k: round(v, 4) for k, v in sorted(final_eval.items())}, indent=1))
 
 
@@ -758,14 +834,25 @@ def main(argv):
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
   tfds.disable_progress_bar()  # dataset preparation would print a bar per split
-  # Orbax logs every step of every save at INFO; keep the console for progress.
-  logging.get_absl_handler().addFilter(
-      lambda record: "orbax" not in record.pathname)
+  # Orbax logs every step of every save at INFO, TFDS each dataset it opens,
+  # JAX the backends it does not find (TPU), optax a constant schedule: keep
+  # the console for progress; their warnings and errors still show.
+  logging.get_absl_handler().addFilter(_quiet)
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value, command_line=sys.argv[1:])
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+
+
+# Modules whose INFO lines are left off the console (`main`).
+QUIET_INFO = ("orbax", "tensorflow_datasets", "xla_bridge.py", "optax")
+
+
+def _quiet(record: std_logging.LogRecord) -> bool:
+  """False (drop) for an INFO or DEBUG line of a `QUIET_INFO` module."""
+  return record.levelno >= std_logging.WARNING or not any(
+      name in record.pathname for name in QUIET_INFO)
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -252,7 +253,14 @@ def train_loop(*, state: TrainState,
 
   with _SigtermFlag() as sigterm:
     for step in range(start, num_steps):
+      if step == start:  # a silent wait of seconds to minutes otherwise
+        logging.info("compiling the train step (first step: %d)...", step + 1)
+        compile_start = time.perf_counter()
       state, metrics = train_step(state, next(batches))
+      if step == start:
+        jax.block_until_ready(metrics)
+        logging.info("compiled the train step and ran step %d in %.1fs",
+                     step + 1, time.perf_counter() - compile_start)
       done = step + 1
       last = done == num_steps
       logger.record(done, metrics,

@@ -54,9 +54,35 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{key}", value, int(step))
     self._tb.flush()
 
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Writes a run's hyperparameters to TensorBoard: the HParams dashboard
+    (values as bool, int, float or str; lists and None as str) and a
+    "hparams" text summary (a Markdown table, the same values)."""
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams as hparams_summary  # pylint: disable=g-import-not-at-top
+    values = {k: hparam_value(v) for k, v in sorted(hparams.items())}
+    writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+    for summary in hparams_summary(values, {}):
+      writer.add_summary(summary)
+    self._tb.add_text("hparams", "| hyperparameter | value |\n|---|---|\n" +
+                      "\n".join(f"| {k} | {v} |" for k, v in values.items()),
+                      0)
+    self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def hparam_value(value: Any) -> bool | int | float | str:
+  """`value` as TensorBoard's HParams plugin takes it (bool, int, float or
+  str; anything else as its str)."""
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (list, tuple)):
+    return ",".join(str(v) for v in value)
+  return str(value)
 
 
 class Progress:
@@ -126,7 +152,8 @@ def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
                 ) -> None:
   """Plots train task losses and the `eval_split` records' metrics
   ("validation", or "eval" for runs evaluated on the test split) against
-  the step into a PNG."""
+  the step into a PNG; panels are titled with the records' split name, as
+  in metrics.jsonl and on the console ("eval ... (test split)")."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -153,8 +180,8 @@ def plot_curves(jsonl_path: str, png_path: str, task_names: tuple[str, ...],
     pts = [(r["step"], r[key]) for r in evals if key in r]
     if pts:
       ax.plot(*zip(*pts), marker="o")
-    ax.set(xlabel="step", ylabel=key,
-           title=f"{'test' if eval_split == 'eval' else eval_split} {key}")
+    ax.set(xlabel="step", ylabel=key, title=f"{eval_split} {key}" + (
+        " (test split)" if eval_split == "eval" else ""))
     ax.grid(alpha=0.3)
   for ax in axes[panels:]:
     ax.axis("off")
