@@ -3,11 +3,19 @@ r"""Trains a multi-task model; the default is hard sharing on multi_digits.
   python -m experiments.train --config=experiments/configs/multi_digits.py \
       --workdir=runs/multi_digits [--config.optimizer.learning_rate=1e-3 ...]
 
-Writes to the workdir: `config.json`, `metrics.jsonl`, TensorBoard events in
-`tb/`, orbax checkpoints in `checkpoints/`, `curves.png` and, at the end,
-`results.json` = {"steps": N, "eval": {"<task>/<metric>": value}, "label_counts":
-{task: labelled training examples}, ...}. Run again with the same workdir to
-resume from the latest checkpoint.
+  python -m experiments.train --print_config [--config=... --config.x=...]
+
+Writes to the workdir: `config.json` (the current config), `runs.jsonl` (one
+line per start: time, command line, devices, parallelism; the first start's
+full config, then each start's changes), `metrics.jsonl`, TensorBoard events
+(scalars and hyperparameters) in `tb/`, orbax checkpoints in `checkpoints/`,
+`curves.png` and, at the end, `results.json` = {"steps": N, "eval":
+{"<task>/<metric>": value}, "label_counts": {task: labelled training
+examples}, "run": {architecture, methods, tasks, devices, ...},
+"wall_time_sec": ..., ...}. "eval" is the test split's evaluation in files,
+console and plots. Run again with the same workdir to resume from the latest
+checkpoint. A config mistake on the command line is one line, exit code 2
+(`experiments/cli.py`); `--print_config` prints the resolved config.
 
 This file is the one place where a ConfigDict becomes explicit arguments to the
 library: `check_config` validates the whole config with the library's checks
