@@ -31,6 +31,16 @@ def test_publish_copies_outputs_and_times_the_runs(tmp_path):
     (run / "results.json").write_text("{}")
     os.utime(run / "config.json", (start, start))
     os.utime(run / "results.json", (end, end))
+  # A resumed run: config.json rewritten at its second start (t=250); its
+  # first start is the first line of runs.jsonl (t=180).
+  resumed = root / "c" / "seed0"
+  resumed.mkdir(parents=True)
+  (resumed / "runs.jsonl").write_text(
+      json.dumps({"time": "1970-01-01T00:03:00Z"}) + "\n" +
+      json.dumps({"time": "1970-01-01T00:04:10Z"}) + "\n")
+  for name, t in (("config.json", 250.0), ("results.json", 300.0)):
+    (resumed / name).write_text("{}")
+    os.utime(resumed / name, (t, t))
   (root / "unfinished").mkdir()
   (root / "unfinished" / "config.json").write_text("{}")
   (root / "summary.md").write_text("## group\n| a | 1 |\n")
@@ -40,11 +50,11 @@ def test_publish_copies_outputs_and_times_the_runs(tmp_path):
   assert sorted(os.path.basename(f) for f in files) == [
       "runtime.json", "runtime.md", "summary.md", "summary.png"]
   with open(out / "demo" / "runtime.json") as f:
-    assert json.load(f) == {"runs": 2, "run_seconds": 90.0,
-                            "wall_seconds": 100.0}
+    assert json.load(f) == {"runs": 3, "run_seconds": 60.0 + 30.0 + 120.0,
+                            "wall_seconds": 300.0 - 100.0}
   with open(out / "demo" / "runtime.md") as f:
-    assert f.read().startswith("2 runs; 2 minutes of training summed over "
-                               "the runs, 2 minutes from the first start")
+    assert f.read().startswith("3 runs; 4 minutes of training summed over "
+                               "the runs, 3 minutes from the first start")
   readme = ("x\n<!-- results: demo/summary.md -->\nold\n<!-- /results -->\n"
             "y\n")
   assert publish.render(readme, str(out)) == (

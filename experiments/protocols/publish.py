@@ -9,9 +9,10 @@ r"""Publishes a protocol's outputs under docs/results and into the README.
 `relatedness.py`): its top-level outputs (`*.md`, `*.json`, `*.csv`,
 `*.png`; never the runs' workdirs) are copied to `docs/results/<name>/`,
 with `runtime.json` (and the same as a line of Markdown, `runtime.md`): the
-number of finished runs and their training time (each run from its
-`config.json` to its `results.json`), summed and from the first start to
-the last end.
+number of finished runs and their training time (each run from its first
+start, the first line of its `runs.jsonl` (runs made before that record:
+`config.json`'s time), to its `results.json`), summed and from the first
+start to the last end.
 
 `--readme` replaces every block of README.md between
 
@@ -27,16 +28,19 @@ tables are the scripts' output files, never retyped;
 
 from __future__ import annotations
 
+import calendar
 import glob
 import json
 import os
 import re
 import shutil
+import time
 
 from absl import app
 from absl import flags
 
 from experiments import sweep as sweep_lib
+from mtl_jax.training import run_config
 
 RESULTS_DIR = "docs/results"
 README = "README.md"
@@ -54,14 +58,27 @@ _README = flags.DEFINE_bool("readme", False,
                             "Refresh the README's result blocks.")
 
 
+def _first_start(workdir: str) -> float | None:
+  """When the run in `workdir` first started (seconds since the epoch): the
+  first line of its `runs.jsonl`; for runs made before that record, the
+  time `config.json` was written (rewritten at every start, so the last
+  start); None without either."""
+  history = run_config.read_history(workdir)
+  if history and "time" in history[0]:
+    return float(calendar.timegm(time.strptime(history[0]["time"],
+                                               "%Y-%m-%dT%H:%M:%SZ")))
+  config = os.path.join(workdir, "config.json")
+  return os.path.getmtime(config) if os.path.exists(config) else None
+
+
 def runtime(root: str) -> dict[str, float]:
   """Finished runs under `root` and their training time in seconds."""
   spans = []
   for results in glob.glob(os.path.join(root, "**", "results.json"),
                            recursive=True):
-    config = os.path.join(os.path.dirname(results), "config.json")
-    if os.path.exists(config):
-      spans.append((os.path.getmtime(config), os.path.getmtime(results)))
+    start = _first_start(os.path.dirname(results))
+    if start is not None:
+      spans.append((start, os.path.getmtime(results)))
   if not spans:
     raise ValueError(f"publish: no finished run (results.json) under {root!r}")
   return {"runs": len(spans),
