@@ -55,6 +55,7 @@ from mtl_jax import weighting as weighting_lib
 from mtl_jax.data import build as data_build
 from mtl_jax.data import mixture as mixture_lib
 from mtl_jax.data import pipeline
+from mtl_jax.data import sources as data_sources
 from mtl_jax.models import build as models_build
 from mtl_jax.pretext import cluster as cluster_lib
 from mtl_jax.training import checkpoint as checkpoint_lib
@@ -851,6 +852,11 @@ def main(argv):
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+  except data_sources.NotPreparedError as e:
+    # Missing data is the user's to fix: its message (what was looked for,
+    # the command that prepares it), not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 # Modules whose INFO lines are left off the console (`main`).

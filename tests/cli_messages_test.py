@@ -51,6 +51,22 @@ def test_wrong_value_type_is_one_line_with_exit_code_2(tmp_path):
       "an int; invalid literal for int() with base 10: 'abc'"]
 
 
+def test_a_dataset_not_prepared_is_its_message_not_a_traceback(tmp_path):
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  done = _train("--config=experiments/configs/smallnorb.py",
+                f"--workdir={tmp_path / 'run'}",
+                f"--config.data.data_dir={data_dir}")
+  assert done.returncode == 1
+  assert "Traceback" not in done.stderr
+  error = done.stderr[done.stderr.index("error: "):]
+  assert error.startswith("error: TFDS dataset smallnorb is not prepared for "
+                          f"random access in data_dir={data_dir}")
+  assert error.rstrip().endswith(
+      f"tfds build smallnorb --data_dir={data_dir} "
+      "--file_format=array_record")
+
+
 def test_print_config_prints_the_resolved_config_and_exits_0():
   done = _train("--print_config", "--config.num_steps=7",
                 "--config.aggregation.cagrad.c=0.25")
