@@ -24,6 +24,10 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax.training import checkpoint as checkpoint_lib
 
 TASKS = ("left", "present", "sum")
+# The module fixture runs the protocol once: every test of the file on one
+# xdist worker (`make test` runs `--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("relatedness_script")
+
 # float32 rounding of two routes to the same numbers (jit programs of
 # different shape).
 ATOL = 2e-6

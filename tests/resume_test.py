@@ -33,13 +33,11 @@ INTERRUPT_AFTER = 20  # signal once a checkpoint of this step or later exists
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """One device; compiled programs are cached across the runs of this file."""
+def env():
+  """One device; compiled programs are cached across the runs (the
+  session's compilation cache, tests/conftest.py)."""
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=os.environ.get("MTL_JAX_TEST_XLA_FLAGS", ""),
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+              XLA_FLAGS=os.environ.get("MTL_JAX_TEST_XLA_FLAGS", ""))
 
 
 def _command(workdir, data_dir):

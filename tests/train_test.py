@@ -238,13 +238,11 @@ def test_two_processes_match_one_device(small_data_dir, tmp_path, one_device):
   _, reference, ref_params = one_device(0.1)
   workdir = str(tmp_path / "multi")
   port = _free_port()
-  # The resumed launch reuses the first one's compiled programs.
+  # The resumed launch reuses the first one's compiled programs (the
+  # session's compilation cache, tests/conftest.py).
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
       os.environ.get("MTL_JAX_TEST_XLA_FLAGS", "") +
-      " --xla_force_host_platform_device_count=2").strip(),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+      " --xla_force_host_platform_device_count=2").strip())
   args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
           f"--config.data.data_dir={small_data_dir}",
           "--config.data.options.builder_config=small", "--config.model.trunk=mlp",
