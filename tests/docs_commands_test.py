@@ -41,7 +41,8 @@ def test_extracts_the_documented_commands():
   loop = [t for t in texts if t.startswith("for i in 0 1; do ")]
   assert len(loop) == 1 and loop[0].endswith("--process_id=$i & done; wait")
   # The quick-start (```python) and the output/tree blocks are not commands.
-  assert not any("mtl_jax" in t or "import" in t.split()[0] for t in texts)
+  assert not any("import mtl_jax" in t or "mtl.TaskSet" in t or
+                 t.split()[0] in ("import", "from") for t in texts)
   assert not any(t.startswith(("0 {", "mtl_jax/", "experiments/"))
                  for t in texts)
   assert sum("experiments.train" in t for t in texts) >= 12
