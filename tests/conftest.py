@@ -49,6 +49,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from _pytest import nodes as nodes_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from mtl_jax.data import multi_digits  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -65,3 +66,23 @@ def small_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds_small"))
   multi_digits.prepare(data_dir, config="small")
   return data_dir
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """`--dist loadgroup`: tests marked `xdist_group` go to one worker.
+
+  pytest-xdist 3.8 groups them by suffixing `item._nodeid` with `@<group>`,
+  which pytest 9.2 no longer reads (the node id is `item._id`): without
+  this, the groups were split over both workers and their shared fixtures
+  (reference runs) made twice.
+  """
+  if not getattr(config.option, "loadgroup", False):
+    return
+  for item in items:
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name",
+                                                              "default"))
+                    for m in item.iter_markers("xdist_group")})
+    nodeid = item.nodeid
+    if names and nodeid.rfind("@") <= nodeid.rfind("]"):
+      item._id = nodes_lib.coerce_node_id(f"{nodeid}@{'_'.join(names)}")  # pylint: disable=protected-access
