@@ -66,7 +66,19 @@ def test_matches_official_algorithm(seed):
   d = _run(g)
   np.testing.assert_allclose(d, ref, atol=1e-5 * np.linalg.norm(ref))
   w = np.asarray(WEIGHTS(jnp.asarray(g @ g.T), c=0.4), np.float64)
-  np.testing.assert_allclose(w, w_ref, atol=1e-5)
+  # The float32 solver's weights: the dual objective is as low as the
+  # float64 reference's to float32 precision, and the weights agree to where
+  # the objective's flatness allows (seed 3264680: 1.7e-5 apart while the
+  # objectives differ by 6e-8 relative).
+  gg = np.float64(g) @ np.float64(g).T
+  b = np.full(len(g), 1.0 / len(g))
+  c = 0.4 * np.sqrt(gg.mean() + 1e-8) + 1e-8
+
+  def dual(x):
+    return x @ gg @ b + c * np.sqrt(x @ gg @ x + 1e-8)
+
+  assert dual(w) <= dual(w_ref) * (1 + 1e-6)
+  np.testing.assert_allclose(w, w_ref, atol=1e-4)
 
 
 def test_two_tasks_official_and_c_zero():
