@@ -92,8 +92,9 @@ from mtl_jax.sklearn import MultiTaskClassifier
 from mtl_jax.sklearn import MultiTaskRegressor
 
 PROBLEMS = ("linnerud", "gradnorm", "correlated", "multilabel")
-# Where gradient boosting runs: one fit of 8 targets on the 250-feature
-# gradnorm problem took 274 s (2 shared cores), 63 s for correlated's 5.
+# Where gradient boosting runs: per target on 250 (gradnorm) or 20
+# (correlated) features with 1500 rows, its fits dominate the whole
+# benchmark's time on a few cores.
 HGB_PROBLEMS = ("linnerud", "multilabel")
 MIN_COMPLETE_ROWS = 5
 # The plot's lowest R² (the tables hold the values below it).
