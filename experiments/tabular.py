@@ -500,9 +500,6 @@ def weight_study(out_dir: str, num_seeds: int = 3, epochs: int = 100,
 
   Writes `gradnorm_weights.json`, `.md` and `.png` to `out_dir`.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   sigmas = None
   finals = {m: [] for m in WEIGHT_METHODS}
   losses = {m: [] for m in WEIGHT_METHODS}
@@ -535,6 +532,18 @@ def weight_study(out_dir: str, num_seeds: int = 3, epochs: int = 100,
   ratio = np.array(finals["mtl_uncertainty_raw"]) * 2 * np.array(
       losses["mtl_uncertainty_raw"])
   summary["mtl_uncertainty_raw"]["w_times_2L_mean"] = ratio.mean(0).tolist()
+  _write_weight_report(summary, curves, out_dir)
+  return summary
+
+
+def _write_weight_report(summary: dict[str, Any],
+                         curves: dict[str, np.ndarray], out_dir: str) -> None:
+  """`weight_study`'s JSON, Markdown table and weight curves (seed 0)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sigmas = np.array(summary["sigmas"])
+  num_seeds, epochs, n = summary["seeds"], summary["epochs"], summary["rows"]
   with open(os.path.join(out_dir, "gradnorm_weights.json"), "w") as f:
     json.dump(summary, f, indent=1)
   lines = [
@@ -573,7 +582,6 @@ def weight_study(out_dir: str, num_seeds: int = 3, epochs: int = 100,
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "gradnorm_weights.png"), dpi=110)
   plt.close(fig)
-  return summary
 
 
 def run(problems: list[str], rates: list[float], num_seeds: int,

@@ -59,6 +59,7 @@ learning rate lives in the optimizer state, so it does not recompile).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -219,10 +220,30 @@ def _program(key: tuple) -> _Program:
   return _Program(key)
 
 
+@dataclasses.dataclass
+class _History:
+  """Per-epoch records across `fit`, `partial_fit` and warm starts."""
+
+  loss: list[float]
+  weights: list[np.ndarray]
+  task_losses: list[np.ndarray]
+  validation: list[float]
+  best_validation_loss: float = np.inf
+
+  def copy(self) -> _History:
+    return _History(list(self.loss), list(self.weights),
+                    list(self.task_losses), list(self.validation),
+                    self.best_validation_loss)
+
+  def add(self, loss: float, weights: np.ndarray,
+          task_losses: np.ndarray) -> None:
+    self.loss.append(loss)
+    self.weights.append(weights)
+    self.task_losses.append(task_losses)
+
+
 class _MultiTaskEstimator(BaseEstimator):
   """What the regressor and the classifier share (not for direct use)."""
-
-  _kind = ""  # "regression" or "classification"
 
   def __init__(self, *, architecture="hard_sharing", hidden_sizes=(64, 64),
                head_hidden_sizes=(), architecture_options=None,
@@ -338,9 +359,6 @@ class _MultiTaskEstimator(BaseEstimator):
     columns = getattr(Y, "columns", None)
     Y = check_array(Y, ensure_2d=False, ensure_all_finite=False, dtype=None,
                     input_name="Y", ensure_min_samples=1)
-    if Y.ndim not in (1, 2):
-      raise ValueError(f"Y must be 1-d [n] or 2-d [n, n_targets], got shape "
-                       f"{Y.shape}")
     if Y.ndim == 2 and Y.shape[1] == 0:
       raise ValueError("Y has 0 target columns; it needs at least one")
     check_consistent_length(np.empty((n_rows, 0)), Y)
@@ -361,16 +379,28 @@ class _MultiTaskEstimator(BaseEstimator):
     return int(check_random_state(self.random_state).randint(2**31 - 1))
 
   def _fit(self, X, Y, *, incremental: bool, classes=None):
+    """`fit`/`partial_fit`: all or nothing. On any error the estimator is
+    left as it was (a fitted model stays fitted and consistent)."""
+    saved = dict(self.__dict__)
+    try:
+      return self._fit_unguarded(X, Y, incremental=incremental,
+                                 classes=classes)
+    except BaseException:
+      self.__dict__.clear()
+      self.__dict__.update(saved)
+      raise
+
+  def _fit_unguarded(self, X, Y, *, incremental: bool, classes):
     self._check_hyperparameters()
     first = not (incremental or self.warm_start) or not hasattr(
         self, "params_")
     X = self._check_X(X, reset=first)
     Y = self._check_Y(Y, X.shape[0])
-    if not first and (1 if Y.ndim == 1 else Y.shape[1]) != self.n_outputs_:
+    k = 1 if Y.ndim == 1 else Y.shape[1]
+    if not first and k != self.n_outputs_:
       if incremental:
-        raise ValueError(
-            f"partial_fit: y has {1 if Y.ndim == 1 else Y.shape[1]} target(s) "
-            f"but the model was fitted on {self.n_outputs_}")
+        raise ValueError(f"partial_fit: y has {k} target(s) but the model "
+                         f"was fitted on {self.n_outputs_}")
       first = True  # warm_start on another problem: start again
       X = self._check_X(X, reset=True)
     labels, masks, heads = self._encode_targets(Y, first=first,
@@ -379,88 +409,86 @@ class _MultiTaskEstimator(BaseEstimator):
     rng = check_random_state(self.random_state)
     if first:
       state = program.create_state(self._seed(), float(self.learning_rate))
-      self._heads = heads
-      self.t_ = 0
-      self.n_iter_ = 0
-      self.loss_curve_ = []
-      self.task_weight_curve_ = np.zeros((0, len(heads)))
-      self.task_loss_curve_ = np.zeros((0, len(heads)))
-      self.validation_loss_curve_ = [] if self.early_stopping else None
-      self.best_validation_loss_ = (np.inf if self.early_stopping else
-                                    None)
+      history = _History([], [], [], [])
     else:
-      state = state_lib.TrainState(**jax.tree.map(jnp.asarray, self._state))
-      state = set_learning_rate(state, float(self.learning_rate))
+      state = set_learning_rate(jax.tree.map(jnp.asarray, self._state),
+                                float(self.learning_rate))
+      history = self._history
       if incremental:
         # Each call shuffles differently, reproducibly for a random_state.
-        rng = np.random.RandomState(
-            (self._seed() + self.t_) % (2**31 - 1))
-
-    train_rows = np.arange(X.shape[0])
-    val_rows = None
+        rng = np.random.RandomState((self._seed() + self.t_) % (2**31 - 1))
+    train_rows, val_rows = np.arange(X.shape[0]), None
     if self.early_stopping and not incremental:
       train_rows, val_rows = self._validation_split(masks, rng)
-    epochs = 1 if incremental else int(self.max_iter)
-    best_state = state
-    stall = 0
-    best_monitored = (self.best_validation_loss_
-                      if self.early_stopping and val_rows is not None
-                      else (min(self.loss_curve_) if self.loss_curve_
-                            else np.inf))
+    state, history, converged = self._train(
+        program, state, history, (X, labels, masks), train_rows, val_rows,
+        rng, epochs=1 if incremental else int(self.max_iter))
+    if not (converged or incremental):
+      warnings.warn(
+          f"{type(self).__name__}: max_iter={self.max_iter} epochs reached "
+          "and the optimisation has not converged yet.", ConvergenceWarning)
+    self._keep(state, history, heads)
+    return self
+
+  def _train(self, program, state, history, data, train_rows, val_rows, rng,
+             *, epochs: int):
+    """Up to `epochs` epochs with the stopping rule; returns (the state to
+    keep: the best validation epoch's with early stopping, the new history,
+    whether the rule stopped training)."""
+    X, labels, masks = data
     names = program.tasks.names
-    converged = incremental
+    history = history.copy()
+    if val_rows is not None:
+      best = history.best_validation_loss
+    else:
+      best = min(history.loss, default=np.inf)
+    best_state, stall = state, 0
     for _ in range(epochs):
       state, train_loss, weights, task_losses = self._epoch(
-          program, state, X, labels, masks, train_rows, rng)
-      self.n_iter_ += 1
-      self.loss_curve_.append(train_loss)
-      self.task_weight_curve_ = np.concatenate(
-          [self.task_weight_curve_, weights[None]])
-      self.task_loss_curve_ = np.concatenate(
-          [self.task_loss_curve_, task_losses[None]])
+          program, state, X, labels, masks, train_rows, rng,
+          epoch=len(history.loss) + 1)
+      history.add(train_loss, weights, task_losses)
       monitored = train_loss
       if val_rows is not None:
         monitored = self._mean_loss(program, state.params, X[val_rows],
                                     {t: labels[t][val_rows] for t in names},
                                     {t: masks[t][val_rows] for t in names})
-        self.validation_loss_curve_.append(monitored)
+        history.validation.append(monitored)
       if self.verbose:
-        print(f"epoch {self.n_iter_}: loss {train_loss:.6f}" +
+        print(f"epoch {len(history.loss)}: loss {train_loss:.6f}" +
               (f", validation loss {monitored:.6f}"
                if val_rows is not None else ""))
-      if monitored < best_monitored - self.tol:
-        stall = 0
-      else:
-        stall += 1
-      if monitored < best_monitored:
-        best_monitored = monitored
-        best_state = state
-      if incremental:
-        continue
+      stall = 0 if monitored < best - self.tol else stall + 1
+      if monitored < best:
+        best, best_state = monitored, state
       if stall >= self.n_iter_no_change:
-        converged = True
         break
     if val_rows is not None:
-      self.best_validation_loss_ = best_monitored
+      history.best_validation_loss = best
       state = best_state.replace(step=state.step)
-    if not converged:
-      warnings.warn(
-          f"{type(self).__name__}: max_iter={self.max_iter} epochs reached "
-          "and the optimisation has not converged yet.", ConvergenceWarning)
+    return state, history, stall >= self.n_iter_no_change
+
+  def _keep(self, state, history: _History, heads: tuple) -> None:
+    """Stores the fitted state and sets the public fitted attributes."""
+    self._heads = heads
+    self._history = history
+    self._state = _to_numpy(state)
+    self.params_ = self._state.params
     self.t_ = int(state.step)
-    self._state = {"step": state.step, "params": state.params,
-                   "opt_state": state.opt_state,
-                   "weighting_state": state.weighting_state,
-                   "aggregation_state": state.aggregation_state,
-                   "rng": state.rng,
-                   "nonfinite_streak": state.nonfinite_streak}
-    self._state = _to_numpy(self._state)
-    self.params_ = self._state["params"]
+    self.n_iter_ = len(history.loss)
     self.n_outputs_ = len(heads)
-    self.target_names_ = list(names)
-    self.task_weights_ = dict(zip(names, self.task_weight_curve_[-1]
-                                  .tolist()))
-    return self
+    self.target_names_ = [name for name, _ in heads]
+    self.loss_curve_ = list(history.loss)
+    self.task_weight_curve_ = np.array(history.weights).reshape(-1,
+                                                                len(heads))
+    self.task_loss_curve_ = np.array(history.task_losses).reshape(
+        -1, len(heads))
+    self.validation_loss_curve_ = (list(history.validation)
+                                   if self.early_stopping else None)
+    self.best_validation_loss_ = (history.best_validation_loss
+                                  if self.early_stopping else None)
+    self.task_weights_ = dict(zip(self.target_names_,
+                                  self.task_weight_curve_[-1].tolist()))
 
   def _validation_split(self, masks, rng):
     labelled = np.flatnonzero(
@@ -474,7 +502,8 @@ class _MultiTaskEstimator(BaseEstimator):
     perm = rng.permutation(labelled)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
-  def _epoch(self, program, state, X, labels, masks, rows, rng):
+  def _epoch(self, program, state, X, labels, masks, rows, rng, *,
+             epoch: int):
     """One shuffled pass over `rows`: (state, mean loss over tasks, the
     weights at the last step, each task's mean loss (NaN if unlabelled))."""
     names = program.tasks.names
@@ -505,7 +534,7 @@ class _MultiTaskEstimator(BaseEstimator):
       if not np.all(np.isfinite(metrics["loss"][on])):
         raise ValueError(
             f"{type(self).__name__}: the training loss became NaN/Inf at "
-            f"epoch {self.n_iter_ + 1}; lower learning_rate (now "
+            f"epoch {epoch}; lower learning_rate (now "
             f"{self.learning_rate}) or check the inputs' scale")
       for j, t in enumerate(names):
         c = metrics[f"{t}/count"][on]
@@ -583,8 +612,6 @@ class MultiTaskRegressor(RegressorMixin, _MultiTaskEstimator):
     random_state: an int for reproducible fits.
     verbose: print the loss per epoch.
   """
-
-  _kind = "regression"
 
   def __init__(self, *, architecture="hard_sharing", hidden_sizes=(64, 64),
                head_hidden_sizes=(), architecture_options=None,
@@ -715,8 +742,6 @@ class MultiTaskClassifier(ClassifierMixin, _MultiTaskEstimator):
   arrays `[n, C_j]`, scikit-learn's multi-output convention. The other
   arguments are the regressor's (`MultiTaskRegressor`).
   """
-
-  _kind = "classification"
 
   def __init__(self, *, architecture="hard_sharing", hidden_sizes=(64, 64),
                head_hidden_sizes=(), architecture_options=None,

@@ -265,3 +265,17 @@ def test_a_non_finite_loss_is_a_clear_error_and_keeps_the_fitted_model():
                      "lower learning_rate"):
     est.set_params(warm_start=True).fit(X * 1e30, Y)
   np.testing.assert_array_equal(est.predict(X), before)
+
+
+def test_a_failed_fit_leaves_the_fitted_model_as_it_was():
+  """A fit that fails part-way (here: a non-finite loss in a fresh fit on
+  2 targets) restores every attribute: the 3-target model still predicts."""
+  X, Y = _regression()
+  est = _small(max_iter=2, tol=0.0).fit(X, Y)
+  before = dict(pred=est.predict(X), n_iter=est.n_iter_, t=est.t_,
+                curve=list(est.loss_curve_))
+  with pytest.raises(ValueError, match="NaN/Inf at epoch 1"):
+    est.fit(X * 1e30, Y[:, :2])
+  np.testing.assert_array_equal(est.predict(X), before["pred"])
+  assert (est.n_outputs_, est.n_iter_, est.t_) == (3, 2, before["t"])
+  assert est.loss_curve_ == before["curve"]
